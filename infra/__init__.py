@@ -1,0 +1,1 @@
+"""Cluster and service definitions (KubeRay, Ray launcher, Prefect work pool, local services)."""
