@@ -1,0 +1,135 @@
+"""Net surgery: bilinear upsampling kernels and the VGG16 fc -> conv transplant.
+
+Follows ``surgery.py`` of the FCN reference (shelhamer/fcn.berkeleyvision.org):
+``upsample_filt`` for the bilinear initialisation of deconvolutions, and the
+"convolutionalization" of the classifier's fully connected layers (paper, section 3.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# torchvision VGG16 ``classifier`` index -> FCN conv layer and its kernel size.
+# classifier.6 (fc8, 1000 ImageNet classes) has no counterpart: the score layer is new.
+_VGG16_FC = {"classifier.0": ("fc6", 7), "classifier.3": ("fc7", 1)}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a weight transplant did.
+
+    Args:
+        loaded: source keys copied into the backbone.
+        missing: backbone state-dict keys the source did not provide (left as they were).
+        ignored: source keys that have no place in the backbone (e.g. the ImageNet fc8/fc).
+    """
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    ignored: tuple[str, ...]
+
+
+def upsample_filt(size: int) -> Tensor:
+    """The reference 2D bilinear filter of one channel, shape (size, size), float64.
+
+    Args:
+        size: kernel size; ``2 * f`` for upsampling by ``f`` with half-pixel centred cells,
+            ``2 * f - 1`` for cells centred on pixels (centre tap exactly 1).
+    """
+    if size < 1:
+        raise ValueError(f"kernel size must be >= 1, got {size}")
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    og = torch.arange(size, dtype=torch.float64)
+    filt_1d = 1 - (og - center).abs() / factor
+    return filt_1d[:, None] * filt_1d[None, :]
+
+
+def bilinear_kernel(channels: int, size: int) -> Tensor:
+    """Weights for a ``ConvTranspose2d(channels, channels, size)`` doing bilinear upsampling.
+
+    Each channel is upsampled on its own: ``upsample_filt(size)`` on the diagonal, zero
+    elsewhere, as the reference ``interp`` surgery does.
+
+    Args:
+        channels: number of input (= output) channels.
+        size: kernel size.
+
+    Returns:
+        A float32 tensor of shape (channels, channels, size, size).
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    weight = torch.zeros(channels, channels, size, size)
+    idx = torch.arange(channels)
+    weight[idx, idx] = upsample_filt(size).to(weight.dtype)
+    return weight
+
+
+def transplant_vgg16_classifier(
+    model: nn.Module, vgg16_state_dict: Mapping[str, Tensor]
+) -> LoadReport:
+    """Copy torchvision VGG16 weights into an FCN VGG16 backbone, fc6/fc7 made convolutional.
+
+    ``features.*`` are copied as they are (the FCN backbone keeps torchvision's indices);
+    ``classifier.0`` (fc6, 25088 -> 4096) becomes the 7x7 conv ``fc6`` (4096, 512, 7, 7) and
+    ``classifier.3`` (fc7, 4096 -> 4096) the 1x1 conv ``fc7``. torchvision flattens the
+    (512, 7, 7) pool5 map channel-major, so a plain reshape keeps every weight in place.
+    Shapes are all checked before anything is copied.
+
+    Args:
+        model: an FCN with a VGG16 backbone (``model.backbone``), or that backbone itself.
+        vgg16_state_dict: the state dict of ``torchvision.models.vgg16()``.
+
+    Returns:
+        A ``LoadReport`` naming source keys as torchvision spells them.
+
+    Raises:
+        ValueError: if the model has no VGG16 backbone or a tensor has the wrong shape.
+    """
+    backbone = getattr(model, "backbone", model)
+    if not all(hasattr(backbone, name) for name in ("features", "fc6", "fc7")):
+        raise ValueError(
+            "transplant_vgg16_classifier needs an FCN with a VGG16 backbone "
+            f"(features, fc6, fc7); got {type(backbone).__name__}"
+        )
+    target = backbone.state_dict()
+    plan: dict[str, tuple[str, Tensor]] = {}  # source key -> (backbone key, reshaped tensor)
+    ignored: list[str] = []
+    for key, value in vgg16_state_dict.items():
+        layer, _, kind = key.rpartition(".")
+        if key.startswith("features.") and key in target:
+            plan[key] = (key, value)
+        elif layer in _VGG16_FC and kind in ("weight", "bias"):
+            conv, ksize = _VGG16_FC[layer]
+            dest = f"{conv}.{kind}"
+            want = target[dest].shape
+            if kind == "weight":
+                if value.ndim != 2 or value.numel() != want.numel():
+                    raise ValueError(
+                        f"{key}: cannot reshape {tuple(value.shape)} into {dest} "
+                        f"{tuple(want)} (expected ({want[0]}, {want[1] * ksize * ksize}))"
+                    )
+                value = value.reshape(want)
+            plan[key] = (dest, value)
+        else:
+            ignored.append(key)
+    for key, (dest, value) in plan.items():
+        if value.shape != target[dest].shape:
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} does not match the FCN's "
+                f"backbone.{dest} {tuple(target[dest].shape)}"
+            )
+    with torch.no_grad():
+        for dest, value in plan.values():
+            target[dest].copy_(value)
+    filled = {dest for dest, _ in plan.values()}
+    return LoadReport(
+        loaded=tuple(plan),
+        missing=tuple(k for k in target if k not in filled),
+        ignored=tuple(ignored),
+    )
