@@ -1,0 +1,214 @@
+"""The ``fcnpipe`` command line: Prefect-free pipeline commands.
+
+Usage:
+    fcnpipe --help
+
+Every command builds the same typed configuration the Python API and the Prefect
+flows take, then calls the pipeline function. ``flows.cli`` adds the commands
+that need Prefect and is the installed entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+
+from pipeline.storage import StorageError, StorageOptions
+
+app = typer.Typer(
+    name="fcnpipe",
+    help="Distributed batch semantic segmentation with Fully Convolutional Networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dataset_app = typer.Typer(help="Make, index and inspect datasets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(bench_app, name="bench")
+err_console = Console(stderr=True)
+
+S3Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        "--s3-endpoint",
+        help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). "
+        "Credentials come from the standard AWS variables or profile, never from options.",
+    ),
+]
+LayoutOption = Annotated[
+    Literal["auto", "voc", "generic", "images"],
+    typer.Option(help="Dataset layout; auto detects it."),
+]
+
+# Errors that mean "the input or the configuration is wrong": the user gets one
+# line naming the object and the reason, not a traceback. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    StorageError,
+)
+
+
+def _storage(s3_endpoint: str | None) -> StorageOptions:
+    return StorageOptions(s3_endpoint=s3_endpoint)
+
+
+@app.command()
+def models() -> None:
+    """List the FCN heads and backbones that `--model` and `--backbone` accept."""
+    from fcn.models import BACKBONES, HEADS
+
+    typer.echo("heads:     " + ", ".join(HEADS))
+    typer.echo("backbones: " + ", ".join(BACKBONES))
+
+
+@dataset_app.command("synth")
+def dataset_synth(
+    out_uri: Annotated[str, typer.Argument(help="Dataset root to write (path, file://, s3://).")],
+    num_images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 100,
+    size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(min=0, help="Dataset seed.")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share in val.")] = 0.2,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Write the synthetic shapes dataset in VOC layout (with classes.txt) to any URI."""
+    from pipeline.datasets import write_synthetic
+
+    info = write_synthetic(
+        out_uri,
+        num_images=num_images,
+        size=size,
+        seed=seed,
+        val_fraction=val_fraction,
+        options=_storage(s3_endpoint),
+    )
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(info.splits.items()))
+    typer.echo(f"wrote {info.num_images} images ({splits}) to {info.uri}")
+
+
+@dataset_app.command("index")
+def dataset_index(
+    dataset_uri: Annotated[str, typer.Argument(help="Dataset root to list.")],
+    output: Annotated[
+        str | None, typer.Option(help="Manifest URI (default: DATASET_URI/manifest.parquet).")
+    ] = None,
+    layout: LayoutOption = "auto",
+    split: Annotated[str | None, typer.Option(help="Only this split's ids.")] = None,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Write a Parquet manifest (image_uri, mask_uri, split, bytes) so jobs need not list again."""
+    from pipeline.datasets import build_manifest, write_manifest
+    from pipeline.storage import join
+
+    options = _storage(s3_endpoint)
+    table = build_manifest(dataset_uri, layout=layout, split=split, options=options)
+    target = output or join(dataset_uri, "manifest.parquet")
+    write_manifest(table, target, options)
+    typer.echo(f"wrote a manifest of {table.num_rows} rows to {target}")
+
+
+@dataset_app.command("info")
+def dataset_info(
+    dataset_uri: Annotated[str, typer.Argument(help="Dataset root or .parquet manifest.")],
+    layout: LayoutOption = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Print a dataset's layout, image counts per split and class names."""
+    from pipeline.datasets import dataset_info as info_of
+
+    info = info_of(dataset_uri, layout=layout, options=_storage(s3_endpoint))
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), indent=2))
+        return
+    typer.echo(f"dataset:  {info.uri}")
+    typer.echo(f"layout:   {info.layout or 'unknown (manifest without metadata)'}")
+    typer.echo(f"images:   {info.num_images} ({info.num_with_masks} with masks)")
+    if info.num_missing:
+        typer.echo(f"missing:  {info.num_missing} ids named by split files have no image")
+    for name, count in sorted(info.splits.items()):
+        typer.echo(f"split:    {name} {count}")
+    classes = ", ".join(info.class_names) if info.class_names else "not named"
+    typer.echo(f"classes:  {classes}")
+
+
+@bench_app.command("read")
+def bench_read(
+    local_uri: Annotated[
+        str | None, typer.Option(help="Local dataset root (default: a synthetic one).")
+    ] = None,
+    s3_uri: Annotated[
+        str | None,
+        typer.Option(help="The same dataset on S3 (default: copy to a local SeaweedFS server)."),
+    ] = None,
+    num_images: Annotated[int, typer.Option(min=1, help="Images read from each.")] = 200,
+    size: Annotated[int, typer.Option(min=8, help="Side of the synthetic images.")] = 256,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Read and decode the same images from local disk and from S3; print images/s and MB/s.
+
+    With no URIs it writes a synthetic dataset to a temporary directory and to a
+    SeaweedFS server it starts on 127.0.0.1 (random credentials), and stops it after.
+    """
+    import ray
+
+    from pipeline.datasets import DatasetConfig, format_bench, write_synthetic
+    from pipeline.datasets import bench_read as run_bench
+
+    if (local_uri is None) != (s3_uri is None):
+        raise ValueError("give both --local-uri and --s3-uri (the same dataset twice), or neither")
+    config = DatasetConfig(storage=_storage(s3_endpoint))
+    with tempfile.TemporaryDirectory(prefix="fcnpipe-bench-") as tmp:
+        if local_uri is None:
+            local_uri = str(Path(tmp) / "local")
+            write_synthetic(local_uri, num_images=num_images, size=size)
+        if s3_uri is not None:
+            result = run_bench(local_uri, s3_uri, num_images=num_images, config=config)
+        else:  # the same synthetic bytes on a local S3 server
+            from infra.local.seaweedfs import SeaweedS3
+
+            key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+            with SeaweedS3(Path(tmp) / "s3", access_key=key, secret_key=secret) as server:
+                server.create_bucket("bench")
+                # Set before Ray starts, so its workers inherit them (never runtime_env).
+                os.environ.update(
+                    AWS_ACCESS_KEY_ID=key,
+                    AWS_SECRET_ACCESS_KEY=secret,
+                    AWS_ENDPOINT_URL=server.endpoint,
+                    AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
+                )
+                s3_uri = "s3://bench/data"
+                write_synthetic(s3_uri, num_images=num_images, size=size)
+                try:
+                    result = run_bench(local_uri, s3_uri, num_images=num_images, config=config)
+                finally:
+                    ray.shutdown()
+    typer.echo(format_bench(result))
+
+
+def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
+    """Run a Typer app, turning user errors into one line on stderr and exit code 2.
+
+    Args:
+        typer_app: the application to run.
+        user_errors: exception types reported as one line (set FCNPIPE_DEBUG=1 to
+            see their tracebacks as well).
+    """
+    try:
+        typer_app()
+    except user_errors as exc:
+        if os.environ.get("FCNPIPE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

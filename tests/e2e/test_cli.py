@@ -1,0 +1,95 @@
+"""The ``fcnpipe`` command as a user runs it: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from fcn.palette import decode_label_png
+from fcn.synthetic import CLASS_NAMES
+
+pytestmark = pytest.mark.e2e
+
+FCNPIPE = str(Path(sys.executable).parent / "fcnpipe")
+
+
+def fcnpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FCNPIPE_DEBUG", None)
+    return subprocess.run(
+        [FCNPIPE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = fcnpipe("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("demo", "models", "dataset", "bench"):
+        assert command in result.stdout
+
+
+def test_models_lists_heads_and_backbones() -> None:
+    result = fcnpipe("models")
+    assert result.returncode == 0, result.stderr
+    assert "fcn8s" in result.stdout and "resnet18" in result.stdout and "vgg16" in result.stdout
+
+
+def test_dataset_synth_index_info(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    made = fcnpipe("dataset", "synth", str(root), "--num-images", "10", "--size", "40")
+    assert made.returncode == 0, made.stderr
+    assert "wrote 10 images" in made.stdout
+    assert (root / "classes.txt").read_text().split() == list(CLASS_NAMES)
+    assert len(list((root / "JPEGImages").glob("*.jpg"))) == 10
+    mask = decode_label_png((root / "SegmentationClass" / "shapes_000000.png").read_bytes())
+    assert mask.shape == (40, 40)
+
+    indexed = fcnpipe("dataset", "index", str(root))
+    assert indexed.returncode == 0, indexed.stderr
+    manifest = pq.read_table(root / "manifest.parquet")
+    assert manifest.num_rows == 10
+    assert {"image_uri", "mask_uri", "split", "bytes"} <= set(manifest.column_names)
+
+    info = fcnpipe("dataset", "info", str(root / "manifest.parquet"), "--json")
+    assert info.returncode == 0, info.stderr
+    summary = json.loads(info.stdout)
+    assert summary["num_images"] == 10 and summary["num_with_masks"] == 10
+    assert summary["splits"] == {"train": 8, "val": 2}
+    assert summary["class_names"] == list(CLASS_NAMES)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = fcnpipe("dataset", "info", str(tmp_path / "nothing-here"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no images found" in lines[0] and "nothing-here" in lines[0]
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = fcnpipe(
+        "demo",
+        "--workdir",
+        str(workdir),
+        "--num-images",
+        "8",
+        "--size",
+        "48",
+        "--epochs",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean IoU" in result.stdout
+    assert (workdir / "bucket" / "shapes" / "classes.txt").exists()
+    overlays = sorted((workdir / "overlays").glob("*.png"))
+    assert overlays
+    width, height = Image.open(overlays[0]).size
+    assert (width, height) == (3 * 48, 48)  # image | truth | prediction
