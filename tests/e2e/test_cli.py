@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,18 +11,9 @@ from PIL import Image
 
 from fcn.palette import decode_label_png
 from fcn.synthetic import CLASS_NAMES
+from tests.cli import fcnpipe
 
 pytestmark = pytest.mark.e2e
-
-FCNPIPE = str(Path(sys.executable).parent / "fcnpipe")
-
-
-def fcnpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FCNPIPE_DEBUG", None)
-    return subprocess.run(
-        [FCNPIPE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-    )
 
 
 def test_help_lists_the_commands() -> None:
