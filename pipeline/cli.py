@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.storage import StorageError, StorageOptions
 
@@ -77,7 +78,7 @@ def models() -> None:
 def dataset_synth(
     out_uri: Annotated[str, typer.Argument(help="Dataset root to write (path, file://, s3://).")],
     num_images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 100,
-    size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 128,
+    size: Annotated[int, typer.Option(min=16, help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(min=0, help="Dataset seed.")] = 0,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share in val.")] = 0.2,
     s3_endpoint: S3Endpoint = None,
@@ -210,5 +211,7 @@ def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = U
     except user_errors as exc:
         if os.environ.get("FCNPIPE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: paths and keys may hold [brackets] that Rich would read as markup.
+        message = " ".join(str(exc).split())
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -39,7 +39,7 @@ import posixpath
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -62,6 +62,7 @@ from pipeline.decode import (
 from pipeline.storage import (
     FileInfo,
     Location,
+    ObjectTooLarge,
     StorageError,
     StorageOptions,
     exists,
@@ -630,7 +631,10 @@ def read_decoded(
     """
     import ray.data
 
+    # Pin the endpoint and region the driver sees: on a cluster, workers' environments may
+    # differ, and they must read from the store the driver listed (neither is a secret).
     cfg = config or DatasetConfig()
+    cfg = replace(cfg, storage=cfg.storage.with_environment())
     wanted = split if split is not None else cfg.split
     if isinstance(manifest_or_uri, pa.Table):
         table = _check_manifest(manifest_or_uri, "manifest table")
@@ -759,8 +763,9 @@ class TrainBatch:
 class TrainCollate(ArrowBatchCollateFn):
     """Turn a batch of decoded rows into a :class:`TrainBatch` with a paired transform.
 
-    Runs in the Train worker (in the iterator's prefetch threads). Error rows are skipped,
-    so a combined :func:`read_decoded` dataset works too.
+    Runs in the Train worker (in the iterator's prefetch threads). Feed it
+    :func:`good_rows` only: dropping error rows here would give ranks different numbers of
+    steps, and DDP would hang at the next all-reduce, so an error row raises instead.
 
     Args:
         transform: ``(image, mask) -> (float (3, h, w), int64 (h, w))``, e.g.
@@ -771,10 +776,12 @@ class TrainCollate(ArrowBatchCollateFn):
         super().__init__()
         self.transform = transform
 
-    def __call__(self, batch: pa.Table) -> TrainBatch | None:  # type: ignore[override]
-        """Transform and stack one batch; None when it held no good row with a mask."""
+    def __call__(self, batch: pa.Table) -> TrainBatch:  # type: ignore[override]
+        """Transform and stack one batch of good rows."""
         import torch
 
+        if "error_stage" in batch.column_names and batch["error_stage"].null_count < len(batch):
+            raise DatasetError("training batches must hold good rows only: use good_rows()")
         images, masks, ids = [], [], []
         for sample in samples_from_batch(batch):
             if sample.mask is None:
@@ -786,7 +793,7 @@ class TrainCollate(ArrowBatchCollateFn):
             masks.append(mask)
             ids.append(sample.image_id)
         if not ids:
-            return None
+            raise DatasetError("an empty training batch")
         sizes = {tuple(t.shape) for t in images}
         if len(sizes) != 1:
             raise DatasetError(
@@ -830,8 +837,6 @@ def iter_train_batches(
         prefetch_batches=prefetch_batches,
     )
     for batch in batches:
-        if batch is None:
-            continue
         if not isinstance(batch, TrainBatch):  # pragma: no cover - Ray contract
             raise TypeError(f"expected a TrainBatch from the collate step, got {type(batch)}")
         if device is not None:
@@ -1234,13 +1239,13 @@ def _read_object(uri: str, config: DatasetConfig, known_size: int | None = None)
         raise DecodeError("read", "TooLarge", f"{uri}: {known_size} bytes > max_bytes {limit}")
     loc = _object_location(uri, config.storage)
     try:
-        data = read_bytes(loc)
+        # Bounded even where the manifest does not know the size (masks, stale manifests).
+        return read_bytes(loc, max_bytes=limit)
     except StorageError:
         raise  # bucket missing, access denied, storage down: stop the job
     except FileNotFoundError:
         raise DecodeError("read", "NotFound", f"{uri}: no such object") from None
+    except ObjectTooLarge:
+        raise DecodeError("read", "TooLarge", f"{uri}: more than max_bytes {limit} bytes") from None
     except (OSError, ValueError) as exc:
         raise DecodeError("read", type(exc).__name__, f"{uri}: {exc}") from exc
-    if len(data) > limit:
-        raise DecodeError("read", "TooLarge", f"{uri}: {len(data)} bytes > max_bytes {limit}")
-    return data

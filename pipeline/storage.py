@@ -367,20 +367,37 @@ def join(uri: str, *parts: str) -> str:
     return f"{uri}{suffix}" if uri.endswith("/") else f"{uri}/{suffix}"
 
 
-def read_bytes(target: str | Location, options: StorageOptions | None = None) -> bytes:
-    """Read a whole object.
+class ObjectTooLarge(ValueError):
+    """An object larger than the caller's ``max_bytes``."""
+
+
+def read_bytes(
+    target: str | Location,
+    options: StorageOptions | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Read a whole object, or refuse one larger than ``max_bytes`` without reading it all.
 
     Args:
         target: The object's URI or Location.
         options: Used when ``target`` is a string.
+        max_bytes: Read at most ``max_bytes + 1`` bytes (one ranged request) and raise
+            :class:`ObjectTooLarge` if there were more; None reads everything.
 
     Raises:
         FileNotFoundError: No such object.
+        ObjectTooLarge: The object is larger than ``max_bytes``.
         BucketNotFound, AccessDenied, StorageUnavailable: See the module docstring.
     """
     loc = resolve(target, options)
-    data: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path))
-    return data
+    if max_bytes is None:
+        data: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path))
+        return data
+    head: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1))
+    if len(head) > max_bytes:
+        raise ObjectTooLarge(f"{loc.uri}: larger than max_bytes {max_bytes}")
+    return head
 
 
 def write_bytes(target: str | Location, data: bytes, options: StorageOptions | None = None) -> None:
@@ -580,7 +597,7 @@ def _fsspec_filesystem(scheme: str, opts: StorageOptions, uri: str) -> Any:
         client_kwargs["endpoint_url"] = opts.s3_endpoint
     if opts.s3_region:
         client_kwargs["region_name"] = opts.s3_region
-    return s3fs.S3FileSystem(
+    fs = s3fs.S3FileSystem(
         anon=opts.anon,
         client_kwargs=client_kwargs,
         config_kwargs={
@@ -593,6 +610,11 @@ def _fsspec_filesystem(scheme: str, opts: StorageOptions, uri: str) -> Any:
         use_listings_cache=False,
         skip_instance_cache=True,
     )
+    # botocore's standard mode already retries every request (client_max_attempts) and the
+    # helpers above retry whole operations; s3fs's own loop (a class attribute, 5) would
+    # multiply both under throttling. The instance is ours alone (skip_instance_cache).
+    fs.retries = 1
+    return fs
 
 
 def _write_local_atomic(path: Path, data: bytes) -> None:

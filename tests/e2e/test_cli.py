@@ -54,11 +54,13 @@ def test_dataset_synth_index_info(tmp_path: Path) -> None:
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    result = fcnpipe("dataset", "info", str(tmp_path / "nothing-here"))
+    # Brackets are legal in paths and must not be read as terminal markup.
+    missing = tmp_path / "[train]" / "nothing-here"
+    result = fcnpipe("dataset", "info", str(missing))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "no images found" in lines[0] and "nothing-here" in lines[0]
+    assert len(lines) == 1 and "no images found" in lines[0] and str(missing) in lines[0]
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

@@ -329,7 +329,7 @@ def test_empty_prefix_is_a_clear_error(storage_root: str) -> None:
 
 
 def test_two_workers_each_image_once_per_epoch(
-    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+    storage_root: str, tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -340,7 +340,7 @@ def test_two_workers_each_image_once_per_epoch(
     # the preemption watcher is one more process to start and has nothing to watch here.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    root = str(tmp_path / "voc")
+    root = join(storage_root, "voc")
     write_synthetic(root, num_images=12, size=40, seed=1, val_fraction=0.0)
     config = DatasetConfig(require_masks=True, rows_per_block=2, batch_size=2)
     # Decoded once here, on warm workers; each epoch then re-runs only the shuffle.

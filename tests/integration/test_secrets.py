@@ -44,6 +44,9 @@ def test_secret_appears_in_no_output_object_file_or_ray_log(
         assert [r.returncode for r in runs] == [0, 0, 0, 0, 0, 2, 2], [r.stderr for r in runs]
         assert "s3 / local" in runs[4].stdout  # the Ray job really ran
         assert "access denied" in runs[6].stderr and bucket in runs[6].stderr
+        for failed in runs[5:]:  # one line naming the bucket, no traceback
+            lines = [line for line in failed.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1 and bucket in lines[0], failed.stderr
         for run in runs:
             for text in (run.stdout, run.stderr):
                 assert secret not in text and wrong_secret not in text

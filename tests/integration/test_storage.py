@@ -26,6 +26,7 @@ from pipeline.storage import (
     AccessDenied,
     BucketNotFound,
     Location,
+    ObjectTooLarge,
     RetryPolicy,
     StorageError,
     StorageOptions,
@@ -286,6 +287,15 @@ def test_round_trip(storage_root: str) -> None:
         read_bytes(root.join("missing.bin"))
     assert "missing.bin" in str(info.value)
     assert not isinstance(info.value, StorageError)
+
+
+def test_read_bounded_by_max_bytes(storage_root: str) -> None:
+    target = join(storage_root, "blob.bin")
+    write_bytes(target, b"x" * 100)
+    assert read_bytes(target, max_bytes=100) == b"x" * 100
+    with pytest.raises(ObjectTooLarge) as info:
+        read_bytes(target, max_bytes=99)
+    assert "blob.bin" in str(info.value) and "99" in str(info.value)
 
 
 def test_listing_sees_objects_just_written(storage_root: str) -> None:

@@ -321,3 +321,23 @@ def test_dataset_config_is_validated() -> None:
     ):
         with pytest.raises(ValueError):
             DatasetConfig(**kwargs)
+
+
+def test_objects_of_unknown_size_are_bounded_by_max_bytes(tmp_path: Path) -> None:
+    # The manifest does not know these sizes (a hand-made manifest, a mask): the read
+    # itself must stop at max_bytes rather than load the whole object first.
+    image = tmp_path / "image.png"
+    image.write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    big_mask = tmp_path / "mask.png"
+    big_mask.write_bytes(encode_label_png(np.ones((12, 10), np.uint8)) + b"\0" * 4096)
+    limit = image.stat().st_size  # the image fits exactly; the padded mask does not
+    batch = _manifest(
+        [
+            {"image_id": "ok", "image_uri": str(image)},
+            {"image_id": "fat_mask", "image_uri": str(image), "mask_uri": str(big_mask)},
+        ]
+    )
+    rows = load_batch(batch, config=DatasetConfig(max_bytes=limit), num_classes=2).to_pylist()
+    assert rows[0]["error_type"] is None and rows[0]["height"] == 12
+    assert (rows[1]["error_stage"], rows[1]["error_type"]) == ("read", "TooLarge")
+    assert str(big_mask) in rows[1]["error_message"]
