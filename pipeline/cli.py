@@ -206,6 +206,9 @@ def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = U
         user_errors: exception types reported as one line (set FCNPIPE_DEBUG=1 to
             see their tracebacks as well).
     """
+    # Ray makes every worker re-run `uv run` in a copy of the working directory when the
+    # driver was started by `uv run`; our workers use this interpreter's environment.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         typer_app()
     except user_errors as exc:
