@@ -372,6 +372,6 @@ def test_card_validation_and_json() -> None:
     del data["class_names"]
     with pytest.raises(ValueError, match="lacks field"):
         ModelCard.from_json(json.dumps(data))
-    with pytest.raises(ValueError, match="run_id"):
+    with pytest.raises(ValueError, match="invalid run id"):
         model_uri("s3://out", "a/b")
     assert model_uri("s3://out/", "r1") == "s3://out/models/r1"
