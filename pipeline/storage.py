@@ -394,7 +394,18 @@ def read_bytes(
     if max_bytes is None:
         data: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path))
         return data
-    head: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1))
+
+    def ranged() -> bytes:
+        try:
+            data: bytes = loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1)
+        except OSError:
+            # S3 answers any Range on an empty object with 416 InvalidRange.
+            if loc.fs.size(loc.path) == 0:
+                return b""
+            raise
+        return data
+
+    head = _call("read", loc, ranged)
     if len(head) > max_bytes:
         raise ObjectTooLarge(f"{loc.uri}: larger than max_bytes {max_bytes}")
     return head

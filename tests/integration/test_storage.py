@@ -296,6 +296,11 @@ def test_read_bounded_by_max_bytes(storage_root: str) -> None:
     with pytest.raises(ObjectTooLarge) as info:
         read_bytes(target, max_bytes=99)
     assert "blob.bin" in str(info.value) and "99" in str(info.value)
+    empty = join(storage_root, "empty.bin")  # S3 refuses any Range on an empty object
+    write_bytes(empty, b"")
+    assert read_bytes(empty, max_bytes=10) == b""
+    with pytest.raises(FileNotFoundError):
+        read_bytes(join(storage_root, "missing.bin"), max_bytes=10)
 
 
 def test_listing_sees_objects_just_written(storage_root: str) -> None:
