@@ -24,9 +24,9 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the demo's bucket, outputs and report go.")
     ] = Path("fcnpipe-demo"),
-    num_images: Annotated[int, typer.Option(min=4, help="Synthetic images to make.")] = 64,
-    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 96,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 8,
+    num_images: Annotated[int, typer.Option(min=4, help="Synthetic images to make.")] = 160,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for data, weights and order.")] = 0,
 ) -> None:
     """Make a synthetic dataset, train an FCN-8s on it and report the paper's metrics."""

@@ -27,7 +27,14 @@ from fcn.engine import evaluate, predict, train_step
 from fcn.models import build_model
 from fcn.palette import colorize, overlay
 from fcn.transforms import eval_transform, train_transform
-from pipeline.datasets import write_synthetic
+from pipeline.datasets import (
+    DatasetConfig,
+    Sample,
+    build_manifest,
+    load_batch,
+    samples_from_batch,
+    write_synthetic,
+)
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -38,11 +45,11 @@ class DemoConfig:
 
     workdir: Path = Path("fcnpipe-demo")
     """Directory for the local bucket and the overlays."""
-    num_images: int = 64
+    num_images: int = 160
     """Synthetic images (train and val together)."""
-    size: int = 96
+    size: int = 128
     """Image side in pixels."""
-    epochs: int = 8
+    epochs: int = 16
     """Passes over the train split."""
     batch_size: int = 8
     """Crops per optimisation step."""
@@ -89,9 +96,6 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     """
     console = console or Console()
     torch.manual_seed(config.seed)
-    dataset = synthetic.make_dataset(
-        config.num_images, size=config.size, seed=config.seed, val_fraction=config.val_fraction
-    )
     dataset_uri = str((config.workdir / "bucket" / "shapes").resolve())
     write_synthetic(
         dataset_uri,
@@ -100,13 +104,22 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         seed=config.seed,
         val_fraction=config.val_fraction,
     )
-    console.print(
-        f"dataset: {config.num_images} images ({config.size} px) in VOC layout at {dataset_uri}"
+    # Read back what was written, through the manifest and the bounded decoder.
+    manifest = build_manifest(dataset_uri)
+    class_names = synthetic.CLASS_NAMES
+    num_classes = len(class_names)
+    decoded = load_batch(
+        manifest, config=DatasetConfig(require_masks=True), num_classes=num_classes
     )
-
-    train = [s for s in dataset if s.split == "train"]
-    val = [s for s in dataset if s.split == "val"]
-    num_classes = len(dataset.class_names)
+    samples = samples_from_batch(decoded)
+    if len(samples) != manifest.num_rows:
+        raise RuntimeError(f"{manifest.num_rows - len(samples)} demo images failed to decode")
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    console.print(
+        f"dataset: {len(samples)} images ({config.size} px; {len(train)} train, {len(val)} val)"
+        f" in VOC layout at {dataset_uri}"
+    )
     model = build_model(config.model, num_classes)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=1e-4
@@ -119,7 +132,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         losses = []
         for lo in range(0, len(order), config.batch_size):
             pairs = [
-                augment(train[i].image, train[i].mask) for i in order[lo : lo + config.batch_size]
+                augment(train[i].image, _mask(train[i])) for i in order[lo : lo + config.batch_size]
             ]
             if len(pairs) < 2:  # BatchNorm needs more than one crop
                 continue
@@ -130,10 +143,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     train_seconds = time.perf_counter() - started
 
     to_input = eval_transform()
-    val_inputs = [to_input(s.image, s.mask) for s in val]
+    val_inputs = [to_input(s.image, _mask(s)) for s in val]
     confusion = evaluate(model, val_inputs, num_classes)
     scores = confusion.scores()
-    _print_scores(console, config.model, scores, dataset.class_names)
+    _print_scores(console, config.model, scores, class_names)
 
     overlay_dir = config.workdir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +154,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     for sample, (image, _) in list(zip(val, val_inputs, strict=True))[:4]:
         pred = predict(model, image).numpy()
         panel = np.concatenate(
-            [sample.image, colorize(sample.mask), overlay(sample.image, pred)], axis=1
+            [sample.image, colorize(_mask(sample)), overlay(sample.image, pred)], axis=1
         )
         path = overlay_dir / f"{sample.image_id}.png"
         Image.fromarray(panel).save(path)
@@ -149,7 +162,13 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     console.print(
         f"trained in {train_seconds:.0f} s; overlays (image | truth | prediction) in {overlay_dir}"
     )
-    return DemoResult(scores, dataset.class_names, dataset_uri, tuple(paths), train_seconds)
+    return DemoResult(scores, class_names, dataset_uri, tuple(paths), train_seconds)
+
+
+def _mask(sample: Sample) -> np.ndarray:
+    if sample.mask is None:  # read with require_masks=True, so this is a bug
+        raise RuntimeError(f"{sample.image_uri}: no mask")
+    return sample.mask
 
 
 def _print_scores(
