@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from pipeline.datasets import (
     write_synthetic,
 )
 from pipeline.storage import join, read_bytes, write_bytes
+from tests.images import encode, png_claiming
 
 pytestmark = pytest.mark.integration
 
@@ -76,28 +75,6 @@ def _jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims width x height (no pixel data behind it)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _put(root: str, rel: str, data: bytes) -> None:
@@ -163,9 +140,9 @@ def test_generic_layout_round_trip(storage_root: str, ray_local: None) -> None:
     masks = {k: rng.integers(0, 3, v.shape[:2], dtype=np.uint8) for k, v in images.items()}
     masks["a"][0, 0] = 255  # ignore is allowed
     for key, image in images.items():
-        _put(storage_root, f"images/{key}.png", _encode(Image.fromarray(image), "PNG"))
+        _put(storage_root, f"images/{key}.png", encode(Image.fromarray(image), "PNG"))
         _put(storage_root, f"masks/{key}.png", encode_label_png(masks[key]))
-    _put(storage_root, "images/no_mask.png", _encode(Image.fromarray(images["a"]), "PNG"))
+    _put(storage_root, "images/no_mask.png", encode(Image.fromarray(images["a"]), "PNG"))
     _put(storage_root, "images/notes.txt", b"not listed")
     _put(storage_root, "classes.txt", b"bg\nfg\nother\n")
     _put(storage_root, "splits/train.txt", b"a\nsub/c\n")
@@ -204,16 +181,16 @@ def test_images_only_layout(storage_root: str, ray_local: None) -> None:
     base = Image.fromarray(rgb)
     gray16 = Image.fromarray((np.arange(24 * 20).reshape(24, 20) * 100).astype(np.uint16))
     files = {
-        "x/rgba.png": _encode(base.convert("RGBA"), "PNG"),
-        "x/y/gray.png": _encode(base.convert("L"), "PNG"),
-        "palette.gif": _encode(base.convert("P"), "GIF"),
-        "deep16.png": _encode(gray16, "PNG"),
-        "pic.bmp": _encode(base, "BMP"),
-        "pic.webp": _encode(base, "WEBP", lossless=True),
-        "scan.tiff": _encode(base, "TIFF"),
+        "x/rgba.png": encode(base.convert("RGBA"), "PNG"),
+        "x/y/gray.png": encode(base.convert("L"), "PNG"),
+        "palette.gif": encode(base.convert("P"), "GIF"),
+        "deep16.png": encode(gray16, "PNG"),
+        "pic.bmp": encode(base, "BMP"),
+        "pic.webp": encode(base, "WEBP", lossless=True),
+        "scan.tiff": encode(base, "TIFF"),
         "photo.jpg": _jpeg(rgb),
         "dup.jpg": _jpeg(rgb),
-        "dup.png": _encode(base, "PNG"),
+        "dup.png": encode(base, "PNG"),
     }
     for rel, data in files.items():
         _put(storage_root, rel, data)
@@ -245,7 +222,7 @@ def test_bad_objects_become_error_rows(storage_root: str, ray_local: None) -> No
     write_synthetic(storage_root, num_images=6, size=32, seed=0, val_fraction=0.0)
     good_ids = [f"shapes_{i:06d}" for i in range(6)]
     image, mask = make_sample(0, size=32)
-    png = _encode(Image.fromarray(image), "PNG")
+    png = encode(Image.fromarray(image), "PNG")
     corrupt = bytearray(png)
     corrupt[len(png) // 2 : len(png) // 2 + 40] = b"\xff" * 40  # inside IDAT
     wrong_ids = mask.copy()
@@ -256,7 +233,7 @@ def test_bad_objects_become_error_rows(storage_root: str, ray_local: None) -> No
         "truncated.jpg": _jpeg(image)[:700],
         "empty.jpg": b"",
         "text.jpg": b"this is not a JPEG at all\n",
-        "bomb.png": _png_claiming(100_000, 100_000),
+        "bomb.png": png_claiming(100_000, 100_000),
         "wrong_size.jpg": _jpeg(image),
         "wrong_ids.jpg": _jpeg(image),
         "no_mask.jpg": _jpeg(image),

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import io
 import pickle
-import struct
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +33,11 @@ from pipeline.decode import (
     decode_image,
     decode_mask,
 )
+from tests.images import encode, png_claiming
 
 pytestmark = pytest.mark.unit
 
 RGB = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims width x height; nothing that size is ever allocated."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _fails(stage: str, error_type: str, fn: Any, *args: Any, **kwargs: Any) -> DecodeError:
@@ -78,7 +55,7 @@ def _fails(stage: str, error_type: str, fn: Any, *args: Any, **kwargs: Any) -> D
     [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("PPM", {})],
 )
 def test_lossless_formats_round_trip(fmt: str, kwargs: dict[str, Any]) -> None:
-    data = _encode(Image.fromarray(RGB), fmt, **kwargs)
+    data = encode(Image.fromarray(RGB), fmt, **kwargs)
     formats = ("PNG", "BMP", "TIFF", "WEBP", "PPM")
     out = decode_image(data, formats=formats)
     assert out.dtype == np.uint8 and out.flags.writeable
@@ -86,9 +63,9 @@ def test_lossless_formats_round_trip(fmt: str, kwargs: dict[str, Any]) -> None:
 
 
 def test_jpeg_and_gif_decode_to_rgb() -> None:
-    data = _encode(Image.fromarray(RGB), "JPEG", quality=95)
+    data = encode(Image.fromarray(RGB), "JPEG", quality=95)
     np.testing.assert_array_equal(decode_image(data), np.asarray(Image.open(io.BytesIO(data))))
-    gif = decode_image(_encode(Image.fromarray(RGB).convert("P"), "GIF"))
+    gif = decode_image(encode(Image.fromarray(RGB).convert("P"), "GIF"))
     assert gif.shape == (12, 10, 3)
 
 
@@ -96,7 +73,7 @@ def test_jpeg_and_gif_decode_to_rgb() -> None:
 def test_modes_convert_to_rgb(mode: str) -> None:
     img = Image.fromarray(RGB).convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    out = decode_image(_encode(img, fmt))
+    out = decode_image(encode(img, fmt))
     assert out.shape == (12, 10, 3) and out.dtype == np.uint8
     if mode == "RGBA":
         np.testing.assert_array_equal(out, RGB)  # alpha dropped, colours kept
@@ -108,18 +85,18 @@ def test_modes_convert_to_rgb(mode: str) -> None:
 def test_palette_with_transparency() -> None:
     img = Image.fromarray(RGB).convert("P")
     img.info["transparency"] = 0
-    out = decode_image(_encode(img, "PNG", transparency=0))
+    out = decode_image(encode(img, "PNG", transparency=0))
     assert out.shape == (12, 10, 3)
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped() -> None:
     values = np.array([[0, 255, 256, 65535]], dtype=np.uint16)
-    out = decode_image(_encode(Image.fromarray(values), "PNG"))
+    out = decode_image(encode(Image.fromarray(values), "PNG"))
     assert out[..., 0].tolist() == [[0, 0, 1, 255]]
 
 
 def test_header_claiming_100000_squared_is_refused_before_decoding() -> None:
-    error = _fails("decode_image", "TooManyPixels", decode_image, _png_claiming(100_000, 100_000))
+    error = _fails("decode_image", "TooManyPixels", decode_image, png_claiming(100_000, 100_000))
     assert error.message == (
         "image header claims 100000x100000 = 10000000000 pixels > max_pixels 50000000"
     )
@@ -129,28 +106,28 @@ def test_size_between_pillow_limits_is_refused_quietly() -> None:
     # 8000 x 8000 = 64 MP: under Pillow's error limit, over our default budget.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        error = _fails("decode_image", "TooManyPixels", decode_image, _png_claiming(8000, 8000))
+        error = _fails("decode_image", "TooManyPixels", decode_image, png_claiming(8000, 8000))
     assert "8000x8000 = 64000000 pixels" in error.message
 
 
 def test_max_pixels_is_checked_on_the_header() -> None:
     _fails(
-        "decode_image", "TooManyPixels", decode_image, _png_claiming(2000, 2000), max_pixels=10**6
+        "decode_image", "TooManyPixels", decode_image, png_claiming(2000, 2000), max_pixels=10**6
     )
-    assert decode_image(_encode(Image.fromarray(RGB), "PNG"), max_pixels=120).shape == (12, 10, 3)
+    assert decode_image(encode(Image.fromarray(RGB), "PNG"), max_pixels=120).shape == (12, 10, 3)
     _fails(
         "decode_image",
         "TooManyPixels",
         decode_image,
-        _encode(Image.fromarray(RGB), "PNG"),
+        encode(Image.fromarray(RGB), "PNG"),
         max_pixels=119,
     )
 
 
 def test_truncated_and_corrupt_images() -> None:
     big = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    jpeg = _encode(Image.fromarray(big), "JPEG", quality=95)
-    png = _encode(Image.fromarray(big), "PNG")
+    jpeg = encode(Image.fromarray(big), "JPEG", quality=95)
+    png = encode(Image.fromarray(big), "PNG")
     _fails("decode_image", "Truncated", decode_image, jpeg[: len(jpeg) // 2])
     _fails("decode_image", "Truncated", decode_image, jpeg[:100])
     _fails("decode_image", "Truncated", decode_image, png[: len(png) // 2])
@@ -163,9 +140,9 @@ def test_not_images() -> None:
     _fails("decode_image", "EmptyObject", decode_image, b"")
     error = _fails("decode_image", "UnsupportedFormat", decode_image, b"hello, not a picture")
     assert "b'hello, n'" in error.message
-    ico = _encode(Image.fromarray(RGB), "ICO")
+    ico = encode(Image.fromarray(RGB), "ICO")
     _fails("decode_image", "UnsupportedFormat", decode_image, ico)
-    jpeg = _encode(Image.fromarray(RGB), "JPEG")
+    jpeg = encode(Image.fromarray(RGB), "JPEG")
     _fails("decode_image", "UnsupportedFormat", decode_image, jpeg, formats=("PNG",))
 
 
@@ -229,11 +206,11 @@ def test_mask_checks() -> None:
     )
     assert "2 pixels" in error.message and "3, 30" in error.message
     decode_mask(encode_label_png(labels), height=12, width=10, num_classes=None)
-    rgb_png = _encode(Image.fromarray(RGB), "PNG")
+    rgb_png = encode(Image.fromarray(RGB), "PNG")
     _fails(
         "decode_mask", "UnsupportedMode", decode_mask, rgb_png, height=12, width=10, num_classes=3
     )
-    jpeg = _encode(Image.fromarray(labels), "JPEG")
+    jpeg = encode(Image.fromarray(labels), "JPEG")
     _fails(
         "decode_mask", "UnsupportedFormat", decode_mask, jpeg, height=12, width=10, num_classes=3
     )
@@ -250,10 +227,10 @@ def _manifest(rows: list[dict[str, Any]]) -> pa.Table:
 
 def test_load_batch_gives_one_row_per_input(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
-    good.write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    good.write_bytes(encode(Image.fromarray(RGB), "PNG"))
     mask = tmp_path / "good_mask.png"
     mask.write_bytes(encode_label_png(np.ones((12, 10), np.uint8)))
-    (tmp_path / "big.png").write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    (tmp_path / "big.png").write_bytes(encode(Image.fromarray(RGB), "PNG"))
     batch = _manifest(
         [
             {"image_id": "good", "image_uri": str(good), "mask_uri": str(mask)},
@@ -327,7 +304,7 @@ def test_objects_of_unknown_size_are_bounded_by_max_bytes(tmp_path: Path) -> Non
     # The manifest does not know these sizes (a hand-made manifest, a mask): the read
     # itself must stop at max_bytes rather than load the whole object first.
     image = tmp_path / "image.png"
-    image.write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    image.write_bytes(encode(Image.fromarray(RGB), "PNG"))
     big_mask = tmp_path / "mask.png"
     big_mask.write_bytes(encode_label_png(np.ones((12, 10), np.uint8)) + b"\0" * 4096)
     limit = image.stat().st_size  # the image fits exactly; the padded mask does not
