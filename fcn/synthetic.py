@@ -47,6 +47,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fcn import IGNORE_INDEX
+
 __all__ = [
     "CLASS_NAMES",
     "IGNORE_INDEX",
@@ -65,8 +67,6 @@ CLASS_NAMES: tuple[str, ...] = ("background", "disc", "square", "triangle", "rin
 NUM_CLASSES = len(CLASS_NAMES)
 """Number of classes, background included."""
 
-IGNORE_INDEX = 255
-"""Mask value of pixels excluded from loss and metrics (the ``ignore_border`` bands)."""
 
 Split = Literal["train", "val"]
 """Split names, as in VOC ``ImageSets/Segmentation/<split>.txt``."""

@@ -36,6 +36,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from fcn import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "ImageInput",
@@ -52,8 +54,6 @@ __all__ = [
     "train_transform",
 ]
 
-IGNORE_INDEX = 255
-"""Mask value of pixels excluded from loss and metrics; fills padded mask pixels."""
 
 Normalization = Literal["imagenet", "caffe_bgr"]
 """Names of the supported input normalizations."""

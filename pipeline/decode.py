@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from fcn import IGNORE_INDEX
+
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
@@ -49,8 +51,6 @@ decompression-bomb limit (about 89 MP warns, 179 MP raises)."""
 DEFAULT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 """Image formats parsed by default (Pillow format names); nothing else is even opened."""
 
-IGNORE_INDEX = 255
-"""Mask value meaning "ignore this pixel"; allowed in masks besides the class ids."""
 
 # Pillow reports some JPEG files (with a multi-picture extension) as "MPO".
 _FORMAT_ALIASES = {"MPO": "JPEG"}
