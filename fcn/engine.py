@@ -18,7 +18,48 @@ from torch import Tensor, nn
 from fcn.losses import segmentation_loss
 from fcn.metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "predict", "train_step"]
+__all__ = ["evaluate", "forward_backward", "predict", "train_step"]
+
+
+def forward_backward(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    *,
+    loss_scale: float = 1.0,
+    normalize_loss: bool = True,
+    class_weight: Tensor | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Forward and backward on a batch, adding to the gradients; return the (unscaled) loss.
+
+    The building block of gradient accumulation: call it on each micro-batch with
+    ``loss_scale = 1 / micro_batches``, then step the optimizer. Under DDP the backward
+    pass all-reduces the gradients unless it runs inside ``model.no_sync()``.
+
+    Args:
+        model: The network in train mode (possibly DDP-wrapped).
+        images: (N, 3, H, W) float inputs on the model's device.
+        masks: (N, H, W) integer targets, 255 = ignore.
+        loss_scale: Multiplier of the loss before backward.
+        normalize_loss: Average over labelled pixels (True) or sum them.
+        class_weight: Optional (C,) class weights for the loss.
+        autocast_dtype: Run the forward pass under ``torch.autocast`` with this dtype (bf16
+            on GPU); None runs in full precision.
+
+    Returns:
+        The loss as a 0-dim tensor on the device, detached (reading it syncs the device).
+    """
+    with torch.autocast(
+        device_type=images.device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
+    ):
+        logits = model(images)
+    # The loss in float32: bf16 log-softmax over many pixels loses precision.
+    loss = segmentation_loss(logits.float(), masks, normalize=normalize_loss, weight=class_weight)
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    return loss.detach()
 
 
 def train_step(
@@ -44,17 +85,16 @@ def train_step(
             dtype (bf16 on GPU); None runs in full precision.
     """
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(
-        device_type=images.device.type,
-        dtype=autocast_dtype or torch.float32,
-        enabled=autocast_dtype is not None,
-    ):
-        logits = model(images)
-    # The loss in float32: bf16 log-softmax over many pixels loses precision.
-    loss = segmentation_loss(logits.float(), masks, normalize=normalize_loss, weight=class_weight)
-    loss.backward()
+    loss = forward_backward(
+        model,
+        images,
+        masks,
+        normalize_loss=normalize_loss,
+        class_weight=class_weight,
+        autocast_dtype=autocast_dtype,
+    )
     optimizer.step()
-    return float(loss.detach())
+    return float(loss)
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Net surgery: bilinear upsampling kernels and the VGG16 fc -> conv transplant.
+"""Net surgery: bilinear upsampling kernels, the VGG16 fc -> conv transplant, staged init.
 
 Follows ``surgery.py`` of the FCN reference (shelhamer/fcn.berkeleyvision.org):
 ``upsample_filt`` for the bilinear initialisation of deconvolutions, and the
@@ -132,4 +132,50 @@ def transplant_vgg16_classifier(
         loaded=tuple(plan),
         missing=tuple(k for k in target if k not in filled),
         ignored=tuple(ignored),
+    )
+
+
+def transplant_fcn(model: nn.Module, source_state_dict: Mapping[str, Tensor]) -> LoadReport:
+    """Initialise an FCN from a coarser trained one: the paper's staged training.
+
+    FCN-16s starts from a trained FCN-32s and FCN-8s from FCN-16s (paper, section 4.2):
+    every key the two nets share with the same shape is copied (the backbone, ``score_fr``,
+    ``score_pool4`` and the inner ``upscore2``); the new skip layers keep their zero
+    initialisation, so the finer net starts out computing exactly the coarser one's
+    scores, up to the final upsampler, which keeps its bilinear initialisation.
+
+    Args:
+        model: The FCN to initialise.
+        source_state_dict: The state dict of a trained FCN with the same backbone and
+            number of classes (any head).
+
+    Returns:
+        A ``LoadReport``: keys copied, keys of ``model`` left as they were, source keys with
+        no place in ``model``.
+
+    Raises:
+        ValueError: A shared key has another shape (a different backbone or number of
+            classes), naming the key; or no key is shared.
+    """
+    target = model.state_dict()
+    shared = [key for key in source_state_dict if key in target]
+    for key in shared:
+        value = source_state_dict[key]
+        if not isinstance(value, Tensor) or value.shape != target[key].shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"{key}: shape {got} does not match the model's {tuple(target[key].shape)} "
+                "(staged training needs the same backbone and number of classes)"
+            )
+    if not shared:
+        raise ValueError(
+            f"no key of the source fits the model (source keys start {list(source_state_dict)[:3]})"
+        )
+    with torch.no_grad():
+        for key in shared:
+            target[key].copy_(source_state_dict[key])
+    return LoadReport(
+        loaded=tuple(shared),
+        missing=tuple(key for key in target if key not in source_state_dict),
+        ignored=tuple(key for key in source_state_dict if key not in target),
     )

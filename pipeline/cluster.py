@@ -1,0 +1,55 @@
+"""Connecting a job to Ray: an existing cluster when one is named, else an embedded one.
+
+Every job (training, segmentation, benchmarks) calls :func:`ensure_ray` first. Inside a Ray
+Job (submitted through the Jobs API) ``RAY_ADDRESS`` is set and the job joins that cluster;
+on a laptop or CI machine it starts a local Ray with the CPUs it is told to use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+__all__ = ["ensure_ray"]
+
+# Ray Train waits this long for its worker group (default 60 s): a loaded 2-core machine
+# starting several Python processes that import torch can take longer. Train propagates
+# the driver's value to its controller.
+_TRAIN_DEFAULTS = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # One process less to start per run; it watches for spot-instance preemption notices,
+    # which an embedded or on-premises cluster never gets.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Train patches print() in workers to also log each line, so the driver shows it twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def ensure_ray(*, num_cpus: int | None = None, address: str | None = None) -> None:
+    """Connect to Ray once per process: ``address``, ``RAY_ADDRESS``, or a new local Ray.
+
+    Does nothing when Ray is already initialised (tests, notebooks, a caller that set it up).
+
+    Args:
+        num_cpus: CPUs of a new local Ray (default: all cores); ignored when joining a
+            cluster.
+        address: A cluster address (``auto``, ``ray://...`` or ``HOST:PORT``); None uses
+            ``RAY_ADDRESS`` when set, else starts a local Ray.
+    """
+    for key, value in _TRAIN_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target:
+        ray.init(address=target, log_to_driver=True)
+    else:
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner polls
+        # (without it, it warns every few seconds); on loopback only.
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
