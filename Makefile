@@ -13,7 +13,10 @@ RUN := .venv/bin/
 setup:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 		|| python3 -m pip install --quiet --user --break-system-packages uv
-	$(UV) sync --frozen
+	# Compiled at install: with PYTHONDONTWRITEBYTECODE set (as on our machines) Python
+	# never caches .pyc files, and every Ray worker would compile torch again (import
+	# time 11 s instead of 5 s here).
+	$(UV) sync --frozen --compile-bytecode
 
 demo: setup
 	$(RUN)fcnpipe demo $(ARGS)

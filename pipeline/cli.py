@@ -59,6 +59,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     StorageError,
 )
+# Also user errors, looked up only if their (heavy) modules were imported: nothing else
+# can have raised them, and `fcnpipe --help` stays fast.
+_LAZY_USER_ERRORS = (("pipeline.artifacts", "ArtifactError"), ("pipeline.tables", "TableError"))
 
 
 def _storage(s3_endpoint: str | None) -> StorageOptions:
@@ -198,6 +201,144 @@ def bench_read(
     typer.echo(format_bench(result))
 
 
+@app.command()
+def train(
+    dataset_uri: Annotated[str, typer.Argument(help="Dataset root or manifest, with masks.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Output root (path, file://, s3://).")
+    ],
+    model: Annotated[str, typer.Option(help="FCN head: fcn32s, fcn16s or fcn8s.")] = "fcn8s",
+    backbone: Annotated[str, typer.Option(help="Backbone (see `fcnpipe models`).")] = "resnet18",
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes (default: the dataset's classes.txt).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the train split.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per worker per step.")] = 8,
+    crop_size: Annotated[int, typer.Option(min=8, help="Side of the training crops.")] = 256,
+    scale_range: Annotated[
+        tuple[float, float], typer.Option(help="Random rescale range (LOW HIGH); 1 1 disables.")
+    ] = (0.5, 2.0),
+    hflip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    pad_crops: Annotated[
+        bool, typer.Option(help="Pad images smaller than a crop (mask: ignore); else reject.")
+    ] = True,
+    optimizer: Annotated[
+        Literal["sgd", "adamw"], typer.Option(help="sgd (momentum) or adamw.")
+    ] = "sgd",
+    lr: Annotated[float, typer.Option(min=0.0, help="Base learning rate.")] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (AdamW beta1).")] = 0.9,
+    weight_decay: Annotated[
+        float, typer.Option(help="Decay of weights (not biases, norms).")
+    ] = 5e-4,
+    schedule: Annotated[
+        Literal["poly", "cosine", "constant"], typer.Option(help="Learning-rate decay.")
+    ] = "poly",
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Steps of linear warmup.")] = 0,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 1,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (GPU only).")] = False,
+    class_weighting: Annotated[
+        Literal["none", "median_frequency"], typer.Option(help="Loss weights per class.")
+    ] = "none",
+    init_from: Annotated[
+        str | None, typer.Option(help="Model artifact to start from (e.g. FCN-32s for a 16s).")
+    ] = None,
+    backbone_weights: Annotated[
+        str | None, typer.Option(help="torchvision-format backbone state dict (path or URI).")
+    ] = None,
+    normalization: Annotated[
+        Literal["imagenet", "caffe_bgr"], typer.Option(help="Input normalization.")
+    ] = "imagenet",
+    dropout: Annotated[float, typer.Option(help="Dropout after fc6/fc7 (VGG16 only).")] = 0.5,
+    train_split: Annotated[str, typer.Option(help="Split trained on.")] = "train",
+    val_split: Annotated[
+        str | None, typer.Option(help="Split validated on each epoch ('' for none).")
+    ] = "val",
+    seed: Annotated[int, typer.Option(help="Seed of weights and augmentation.")] = 0,
+    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 2,
+    use_gpu: Annotated[bool, typer.Option(help="One GPU per worker (nccl).")] = False,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs Ray reserves per worker.")] = 1.0,
+    threads_per_worker: Annotated[
+        int | None, typer.Option(help="torch threads per worker (default: its CPUs).")
+    ] = None,
+    max_failures: Annotated[
+        int, typer.Option(min=0, help="Restarts from the latest checkpoint.")
+    ] = 2,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run id; the same id resumes a crashed run.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a committed run of this id.")] = False,
+    num_cpus: Annotated[
+        int | None, typer.Option(help="CPUs of the embedded Ray (default: all; not on a cluster).")
+    ] = None,
+    fail_at: Annotated[
+        str | None, typer.Option(hidden=True, help="Testing: RANK:EPOCH:STEP exits a rank.")
+    ] = None,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Train an FCN with DDP on Ray Train; write the model artifact and the run's tables.
+
+    Checkpoints go to OUTPUT/checkpoints/RUN_ID each epoch; rerunning with the same --run-id
+    after a crash resumes from the latest one.
+    """
+    from pipeline.datasets import DatasetConfig
+    from pipeline.summary import print_class_iou, print_paper_table
+    from pipeline.train import FaultInjection, TrainConfig
+    from pipeline.train import train as run_train
+
+    config = TrainConfig(
+        dataset_uri=dataset_uri,
+        output_uri=output,
+        run_id=run_id,
+        model=model,
+        backbone=backbone,
+        num_classes=num_classes,
+        dropout=dropout,
+        train_split=train_split,
+        val_split=val_split or None,
+        crop_size=crop_size,
+        scale_range=scale_range,
+        hflip=hflip,
+        pad_crops=pad_crops,
+        normalization=normalization,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        amp=amp,
+        class_weighting=class_weighting,
+        init_from=init_from,
+        backbone_weights=backbone_weights,
+        seed=seed,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        threads_per_worker=threads_per_worker,
+        max_failures=max_failures,
+        overwrite=overwrite,
+        dataset=DatasetConfig(storage=_storage(s3_endpoint)),
+        fail_at=None if fail_at is None else FaultInjection.parse(fail_at),
+    )
+    console = Console()
+    result = run_train(config, echo=typer.echo, num_cpus=num_cpus)
+    label = f"{config.model_name} (epoch {result.epoch + 1})"
+    if result.scores:
+        print_paper_table(console, {label: result.scores}, title=f"val split, run {result.run_id}")
+        print_class_iou(console, list(result.scores["iou"]), _class_names(result.model_uri))
+    typer.echo(f"model: {result.model_uri}")
+    typer.echo(f"trained in {result.seconds:.0f} s{' (resumed)' if result.resumed else ''}")
+
+
+def _class_names(model_uri: str) -> list[str]:
+    from pipeline.artifacts import load_card
+
+    return load_card(model_uri).class_names
+
+
 def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
     """Run a Typer app, turning user errors into one line on stderr and exit code 2.
 
@@ -211,8 +352,13 @@ def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = U
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         typer_app()
-    except user_errors as exc:
-        if os.environ.get("FCNPIPE_DEBUG"):
+    except Exception as exc:
+        lazy = tuple(
+            getattr(sys.modules[module], name)
+            for module, name in _LAZY_USER_ERRORS
+            if module in sys.modules
+        )
+        if not isinstance(exc, user_errors + lazy) or os.environ.get("FCNPIPE_DEBUG"):
             raise
         # Escaped: paths and keys may hold [brackets] that Rich would read as markup.
         message = " ".join(str(exc).split())

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.table import Table
 
 from fcn import synthetic
 from fcn.engine import evaluate, predict, train_step
@@ -35,6 +34,7 @@ from pipeline.datasets import (
     samples_from_batch,
     write_synthetic,
 )
+from pipeline.summary import print_class_iou, print_paper_table
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -146,7 +146,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     val_inputs = [to_input(s.image, _mask(s)) for s in val]
     confusion = evaluate(model, val_inputs, num_classes)
     scores = confusion.scores()
-    _print_scores(console, config.model, scores, class_names)
+    print_paper_table(
+        console, {config.model: scores}, title="val split (paper metrics, one confusion matrix)"
+    )
+    print_class_iou(console, list(np.asarray(scores["iou"])), class_names)
 
     overlay_dir = config.workdir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -169,22 +172,3 @@ def _mask(sample: Sample) -> np.ndarray:
     if sample.mask is None:  # read with require_masks=True, so this is a bug
         raise RuntimeError(f"{sample.image_uri}: no mask")
     return sample.mask
-
-
-def _print_scores(
-    console: Console, model: str, scores: dict[str, object], class_names: tuple[str, ...]
-) -> None:
-    table = Table(title="val split (paper metrics, one confusion matrix)")
-    for column in ("model", "pixel acc", "mean acc", "mean IoU", "f.w. IoU"):
-        table.add_column(column)
-    table.add_row(
-        model,
-        *(f"{float(scores[k]):.3f}" for k in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")),  # type: ignore[arg-type]
-    )
-    console.print(table)
-    per_class = Table(title="per-class IoU")
-    per_class.add_column("class")
-    per_class.add_column("IoU")
-    for name, iou in zip(class_names, np.asarray(scores["iou"]), strict=True):
-        per_class.add_row(name, "absent" if np.isnan(iou) else f"{iou:.3f}")
-    console.print(per_class)

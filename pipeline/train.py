@@ -300,12 +300,15 @@ class _Plan:
 # ----------------------------------------------------------------------------- driver
 
 
-def train(config: TrainConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
+def train(
+    config: TrainConfig, *, echo: Callable[[str], None] = print, num_cpus: int | None = None
+) -> TrainResult:
     """Run a training job to its committed model artifact and tables.
 
     Args:
         config: The job.
         echo: Where progress lines go.
+        num_cpus: CPUs of the embedded Ray, if this call starts one (see ``ensure_ray``).
 
     Raises:
         TrainConfigError: The configuration does not fit the dataset (before workers start).
@@ -334,7 +337,7 @@ def train(config: TrainConfig, *, echo: Callable[[str], None] = print) -> TrainR
         storage.delete(ckpt_loc)
     writer = RunWriter(out, run_id, "train", overwrite=config.overwrite)
 
-    ensure_ray()
+    ensure_ray(num_cpus=num_cpus)
     data_config = replace(config.dataset, num_classes=num_classes)
     train_good, train_errors = read_dataset(
         train_rows, split=config.train_split, config=data_config, cache=True
@@ -477,6 +480,8 @@ def _check_dataset(
     """The manifest rows of the train and val splits, checked; the manifest's metadata."""
     from pipeline.datasets import DatasetError
 
+    if not storage.exists(config.dataset_uri, options):
+        raise TrainConfigError(f"no dataset at {config.dataset_uri}")
     try:
         train_rows = load_manifest(
             config.dataset_uri, config.train_split, layout=config.dataset.layout, options=options
@@ -487,7 +492,7 @@ def _check_dataset(
                 config.dataset_uri, config.val_split, layout=config.dataset.layout, options=options
             )
     except DatasetError as exc:
-        raise TrainConfigError(f"{config.dataset_uri}: {exc}") from None
+        raise TrainConfigError(str(exc)) from None
     without_masks = train_rows.filter(pa.compute.is_null(train_rows["mask_uri"])).num_rows
     if without_masks == train_rows.num_rows:
         raise TrainConfigError(
