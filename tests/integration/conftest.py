@@ -5,6 +5,7 @@
 - ``bucket``: a fresh, empty bucket for one test.
 - ``storage_root``: a root URI on each backend in turn (``file`` and ``s3``), so a test
   using it runs on both.
+- ``ray_local`` (session): one local Ray with 2 CPUs whose workers can reach the S3 server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 
 from infra.local.seaweedfs import SeaweedS3
 
@@ -89,3 +91,26 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     request.getfixturevalue("s3_env")
     name: str = request.getfixturevalue("bucket")
     return f"s3://{name}/prefix"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: SeaweedS3) -> Iterator[None]:
+    """A local Ray (2 CPUs, dashboard on 127.0.0.1) whose workers can reach ``s3_server``.
+
+    Ray's workers inherit the environment of ``ray.init()``; credentials never go through
+    ``runtime_env``. Tests still take ``s3_env`` for their own (driver-side) S3 calls.
+    """
+    from pipeline.cluster import ensure_ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        mp.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+        mp.setenv("AWS_REGION", S3_REGION)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        ensure_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,8 +1,7 @@
 """pipeline.datasets on real storage (local files and SeaweedFS S3) and a real local Ray.
 
-Tests taking ``storage_root`` run once per backend. One Ray instance (2 CPUs) serves the
-module; the AWS variables pointing at the test S3 server are set before ``ray.init()`` so
-Ray's workers (which read objects themselves) see them.
+Tests taking ``storage_root`` run once per backend, on the session's local Ray
+(``ray_local``, 2 CPUs), whose workers see the test S3 server's credentials.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +45,6 @@ from tests.images import encode, png_claiming
 pytestmark = pytest.mark.integration
 
 S3_REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server: SeaweedS3) -> Iterator[None]:
-    """A local Ray with 2 CPUs whose workers can reach the test S3 server."""
-    with pytest.MonkeyPatch.context() as mp:
-        # Ray workers inherit the environment of ray.init(); credentials never go through
-        # runtime_env.
-        mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-        mp.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-        mp.setenv("AWS_REGION", S3_REGION)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -306,17 +285,13 @@ def test_empty_prefix_is_a_clear_error(storage_root: str) -> None:
 
 
 def test_two_workers_each_image_once_per_epoch(
-    storage_root: str, tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+    storage_root: str, tmp_path: Path, ray_local: None
 ) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.datasets import iter_train_batches, shuffle_each_epoch
 
-    # A loaded 2-core CI machine can take more than Train's default 60 s to start workers;
-    # the preemption watcher is one more process to start and has nothing to watch here.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     root = join(storage_root, "voc")
     write_synthetic(root, num_images=12, size=40, seed=1, val_fraction=0.0)
     config = DatasetConfig(require_masks=True, rows_per_block=2, batch_size=2)

@@ -181,3 +181,43 @@ def test_transplant_checks_shapes_before_copying(
 def test_transplant_needs_a_vgg16_fcn() -> None:
     with pytest.raises(ValueError, match="VGG16 backbone"):
         transplant_vgg16_classifier(fcn32s(3, "resnet18"), {})
+
+
+# ----------------------------------------------------------------------------- staged training
+
+
+def test_fcn16s_from_fcn32s_copies_shared_layers_and_keeps_skips_zero() -> None:
+    from fcn.models import build_model
+    from fcn.surgery import transplant_fcn
+
+    torch.manual_seed(0)
+    coarse = build_model("fcn32s_resnet18", 4)
+    with torch.no_grad():  # as if trained: non-zero scores
+        coarse.head.score_fr.weight.normal_()
+        coarse.head.score_fr.bias.normal_()
+    fine = build_model("fcn16s_resnet18", 4)
+    report = transplant_fcn(fine, coarse.state_dict())
+    assert "head.score_fr.weight" in report.loaded
+    assert "head.upscore.weight" in report.ignored  # 32s's final upsampler has no twin
+    assert "head.score_pool4.weight" in report.missing
+    fine_state, coarse_state = fine.state_dict(), coarse.state_dict()
+    for key in report.loaded:
+        assert torch.equal(fine_state[key], coarse_state[key]), key
+    assert not fine.head.score_pool4.weight.any()  # zero: starts as the coarse net
+
+    fine8 = build_model("fcn8s_resnet18", 4)
+    report8 = transplant_fcn(fine8, fine.state_dict())
+    assert {"head.score_pool4.weight", "head.upscore2.weight"} <= set(report8.loaded)
+    assert "head.score_pool3.weight" in report8.missing
+
+
+def test_staged_init_rejects_another_class_count() -> None:
+    from fcn.models import build_model
+    from fcn.surgery import transplant_fcn
+
+    with pytest.raises(ValueError, match=r"head\.score_fr\.weight: shape"):
+        transplant_fcn(
+            build_model("fcn16s_resnet18", 4), build_model("fcn32s_resnet18", 5).state_dict()
+        )
+    with pytest.raises(ValueError, match="no key of the source"):
+        transplant_fcn(build_model("fcn16s_resnet18", 4), {"x": torch.zeros(1)})
