@@ -34,7 +34,9 @@ app = typer.Typer(
 dataset_app = typer.Typer(help="Make, index and inspect datasets.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+experiment_app = typer.Typer(help="Experiments of the paper, reproduced.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(experiment_app, name="experiment")
 err_console = Console(stderr=True)
 
 S3Endpoint = Annotated[
@@ -337,6 +339,71 @@ def _class_names(model_uri: str) -> list[str]:
     from pipeline.artifacts import load_card
 
     return load_card(model_uri).class_names
+
+
+@bench_app.command("train")
+def bench_train(
+    num_images: Annotated[int, typer.Option(min=4, help="Synthetic training images.")] = 64,
+    size: Annotated[int, typer.Option(min=32, help="Image side (crops are whole images).")] = 96,
+    model: Annotated[str, typer.Option(help="Model name, e.g. fcn8s_resnet18.")] = "fcn8s_resnet18",
+    batch_size: Annotated[int, typer.Option(min=2, help="Global batch.")] = 8,
+    epochs: Annotated[int, typer.Option(min=2, help="Epochs per way (first one excluded).")] = 3,
+    threads: Annotated[int, typer.Option(min=2, help="torch threads in all.")] = 2,
+) -> None:
+    """Training images/s: plain PyTorch vs Ray Train 1 worker vs 2 DDP workers, one run."""
+    from pipeline.experiments import bench_train as run_bench
+    from pipeline.experiments import format_bench_train
+
+    result = run_bench(
+        num_images=num_images,
+        size=size,
+        model=model,
+        batch_size=batch_size,
+        epochs=epochs,
+        threads=threads,
+        echo=typer.echo,
+    )
+    typer.echo(format_bench_train(result))
+
+
+@experiment_app.command("skips")
+def experiment_skips(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output root of the runs.")],
+    dataset_uri: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset (default: synthetic shapes).")
+    ] = None,
+    num_images: Annotated[int, typer.Option(min=8, help="Synthetic images.")] = 400,
+    size: Annotated[int, typer.Option(min=32, help="Synthetic image side.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per variant.")] = 12,
+    backbone: Annotated[str, typer.Option(help="Backbone of all three.")] = "resnet18",
+    num_workers: Annotated[int, typer.Option(min=1, help="DDP workers per run.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of data and runs.")] = 0,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray.")] = None,
+) -> None:
+    """FCN-32s vs FCN-16s vs FCN-8s, same backbone, budget and data: the paper's Table 2."""
+    from pipeline.cluster import ensure_ray
+    from pipeline.experiments import SkipsExperiment, run_skips
+    from pipeline.summary import print_paper_table
+
+    experiment = SkipsExperiment(
+        output_uri=output,
+        dataset_uri=dataset_uri,
+        num_images=num_images,
+        size=size,
+        epochs=epochs,
+        backbone=backbone,
+        num_workers=num_workers,
+        seed=seed,
+    )
+    ensure_ray(num_cpus=num_cpus)
+    results = run_skips(experiment, echo=typer.echo)
+    print_paper_table(
+        Console(),
+        {f"{head}_{backbone}": result.scores for head, result in results.items()},
+        title=f"skip architectures, val split, {epochs} epochs each",
+    )
+    for head, result in results.items():
+        typer.echo(f"{head}: {result.model_uri} ({result.seconds:.0f} s)")
 
 
 def run(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
