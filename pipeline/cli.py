@@ -258,7 +258,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights and augmentation.")] = 0,
     num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 2,
     use_gpu: Annotated[bool, typer.Option(help="One GPU per worker (nccl).")] = False,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs Ray reserves per worker.")] = 1.0,
+    cpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="CPUs Ray reserves per worker (default: 1, less on a small machine)."),
+    ] = None,
     threads_per_worker: Annotated[
         int | None, typer.Option(help="torch threads per worker (default: its CPUs).")
     ] = None,
@@ -339,6 +342,76 @@ def _class_names(model_uri: str) -> list[str]:
     from pipeline.artifacts import load_card
 
     return load_card(model_uri).class_names
+
+
+@app.command()
+def segment(
+    input_uri: Annotated[
+        str, typer.Argument(help="Dataset root, manifest, or any prefix of images.")
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model artifact URI.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output root of the tables.")],
+    run_id: Annotated[
+        str | None, typer.Option(help="Run id; the same id completes a crashed run.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split (e.g. val).")] = None,
+    layout: LayoutOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per actor call.")] = 8,
+    actors: Annotated[int, typer.Option(min=1, help="Inference actors.")] = 1,
+    use_gpu: Annotated[bool, typer.Option(help="A GPU per actor.")] = False,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (fractions share).")] = 1.0,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs Ray reserves per actor.")] = 1.0,
+    threads_per_actor: Annotated[
+        int | None, typer.Option(help="torch threads per actor (default: its CPUs).")
+    ] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Run the model at this longer side (maps stay full size).")
+    ] = None,
+    palette: Annotated[bool, typer.Option(help="Label-map PNGs with the VOC palette.")] = False,
+    write_png: Annotated[
+        str | None, typer.Option(help="Also write label maps as PNGs under this prefix.")
+    ] = None,
+    rows_per_file: Annotated[int, typer.Option(min=1, help="Rows per Parquet file.")] = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace a committed run of this id.")] = False,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray.")] = None,
+    fail_after: Annotated[
+        int | None, typer.Option(hidden=True, help="Testing: exit after N predictions.")
+    ] = None,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Segment every image under INPUT_URI into label maps and metrics tables under OUTPUT."""
+    from pipeline.datasets import DatasetConfig
+    from pipeline.infer import SegmentConfig
+    from pipeline.infer import segment as run_segment
+    from pipeline.summary import print_class_iou, print_paper_table
+
+    config = SegmentConfig(
+        input_uri=input_uri,
+        model_uri=model,
+        output_uri=output,
+        run_id=run_id,
+        split=split,
+        batch_size=batch_size,
+        actors=actors,
+        use_gpu=use_gpu,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
+        threads_per_actor=threads_per_actor,
+        resize=resize,
+        palette=palette,
+        write_png=write_png,
+        rows_per_file=rows_per_file,
+        overwrite=overwrite,
+        dataset=DatasetConfig(layout=layout, storage=_storage(s3_endpoint)),
+        fail_after=fail_after,
+    )
+    result = run_segment(config, echo=typer.echo, num_cpus=num_cpus)
+    if result.scores is not None:
+        console = Console()
+        print_paper_table(
+            console, {result.run_id: result.scores}, title="images with masks", label="run"
+        )
+        print_class_iou(console, result.scores["iou"], result.class_names)
 
 
 @bench_app.command("train")

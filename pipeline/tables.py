@@ -64,7 +64,7 @@ import logging
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
@@ -800,6 +800,11 @@ class TableWriter:
         """Rows written but not yet in a file."""
         return self._rows
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Arrow bytes of the rows not yet in a file."""
+        return self._bytes
+
     def write(self, rows: Rows) -> None:
         """Add rows (validated now); writes files when the buffer is full.
 
@@ -1026,6 +1031,36 @@ class RunWriter:
         if not arrays:
             return set()
         return set(pc.unique(pa.chunked_array(arrays, type=schema.field(key).type)).to_pylist())
+
+    def iter_written(self, table: str, columns: Sequence[str]) -> Iterator[pa.Table]:
+        """The rows written so far in this run (all attempts), one file's worth at a time.
+
+        Flushes the driver's buffer first. Rows a later file supersedes (the dedup rule of
+        :data:`DEDUP_KEYS`) are left out, so this is what :meth:`commit` will list, read in
+        bounded memory: e.g. to sum a run's per-class counts across attempts.
+
+        Args:
+            table: A name in :data:`TABLES`.
+            columns: Columns to read (``run_id`` is not stored in the files).
+        """
+        self._check_open()
+        if table in self._writers:
+            self._writers[table].flush()
+        key = DEDUP_KEYS[table]
+        scanned = [s for s in self._scan(table, key) if s.part.rows]
+        wanted = list(columns) if key is None or key in columns else [*columns, key]
+        fs = self._fs()
+        for i, part in enumerate(scanned):
+            with fs.open_input_file(self._root.join(part.part.path).path) as f:
+                data = pq.ParquetFile(f).read(columns=wanted)
+            if key is not None and part.keys is not None:
+                later = [s.keys for s in scanned[i + 1 :] if s.keys is not None]
+                if later:
+                    superseded = pc.is_in(data[key], value_set=pa.concat_arrays(later))
+                    data = data.filter(pc.invert(superseded))
+            elif key is None and i < len(scanned) - 1:
+                continue  # the whole run is the key: only the latest file counts
+            yield data.select(list(columns))
 
     def commit(
         self, extra: Mapping[str, Any] | None = None, *, finished_at: datetime | None = None

@@ -191,8 +191,9 @@ class TrainConfig:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     """One GPU per worker (nccl); else CPU (gloo)."""
-    cpus_per_worker: float = 1.0
-    """CPUs Ray reserves per worker."""
+    cpus_per_worker: float | None = None
+    """CPUs Ray reserves per worker; None: 1, or less on a small cluster, so that one CPU
+    stays free for Ray Data (which feeds the workers: with none free, training waits)."""
     threads_per_worker: int | None = None
     """torch threads per worker; None: ``max(1, int(cpus_per_worker))``."""
     max_failures: int = 2
@@ -238,7 +239,7 @@ class TrainConfig:
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high: {low, high}")
-        if self.cpus_per_worker <= 0:
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
@@ -253,7 +254,7 @@ class TrainConfig:
     @property
     def threads(self) -> int:
         """torch threads per worker."""
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker or 1))
 
     @property
     def model_name(self) -> str:
@@ -338,6 +339,7 @@ def train(
     writer = RunWriter(out, run_id, "train", overwrite=config.overwrite)
 
     ensure_ray(num_cpus=num_cpus)
+    config = _fit_to_cluster(config, echo)
     data_config = replace(config.dataset, num_classes=num_classes)
     train_good, train_errors = read_dataset(
         train_rows, split=config.train_split, config=data_config, cache=True
@@ -391,7 +393,7 @@ def train(
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
+            resources_per_worker={"CPU": config.cpus_per_worker or 1.0},
         ),
         run_config=RunConfig(
             name=run_id,
@@ -472,6 +474,35 @@ def train(
         resumed=bool(latest_state.get("resumed")),
         seconds=seconds,
     )
+
+
+def _fit_to_cluster(config: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
+    """Choose CPUs per worker, leaving one CPU of the cluster to Ray Data.
+
+    Ray Data's tasks (the per-epoch shuffle and split) need a CPU while the workers hold
+    theirs; with none free, the workers wait for their first batch until one frees up.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    spare = total - 1.0
+    if config.cpus_per_worker is None:
+        per_worker = 1.0 if spare >= config.num_workers else round(spare / config.num_workers, 2)
+        if per_worker < 0.05:
+            raise TrainConfigError(
+                f"{config.num_workers} worker(s) do not fit a Ray cluster of {total:g} CPUs with "
+                "one CPU left for Ray Data: use fewer workers or a bigger cluster"
+            )
+        return replace(config, cpus_per_worker=per_worker)
+    if config.num_workers * config.cpus_per_worker > spare:
+        # A warning, not an error: an autoscaling cluster grows when the workers ask.
+        echo(
+            f"warning: {config.num_workers} workers x {config.cpus_per_worker:g} CPUs leave "
+            f"no CPU of the cluster's {total:g} now to Ray Data, which feeds the workers; "
+            "unless the cluster scales up, training waits. Lower --cpus-per-worker (torch "
+            "threads are set apart, with --threads-per-worker)."
+        )
+    return config
 
 
 def _check_dataset(

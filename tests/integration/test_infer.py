@@ -1,0 +1,215 @@
+"""pipeline.infer on a real local Ray (actor pool) and real storage (local files and S3).
+
+What a user relies on: every input object ends in exactly one of predictions or errors;
+the label maps are the model's argmax; the run's metrics are what one recomputes from the
+label maps and the masks; the tables read back with pyarrow and DuckDB; a crashed run
+completes with the same id, without a duplicate row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fcn.metrics import confusion_matrix, scores
+from fcn.models import build_model
+from fcn.palette import decode_label_png
+from fcn.synthetic import CLASS_NAMES
+from fcn.transforms import eval_transform
+from pipeline.artifacts import ModelCard, save_model
+from pipeline.datasets import (
+    DatasetConfig,
+    load_batch,
+    load_manifest,
+    samples_from_batch,
+    write_synthetic,
+)
+from pipeline.infer import SegmentConfig, segment
+from pipeline.storage import join, list_files, read_bytes, write_bytes
+from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
+from tests.cli import FCNPIPE
+
+pytestmark = pytest.mark.integration
+
+
+def _model(root: str) -> str:
+    """A small FCN whose predictions vary across classes (random score layers)."""
+    torch.manual_seed(0)
+    model = build_model("fcn8s_resnet18", len(CLASS_NAMES))
+    with torch.no_grad():
+        for name in ("score_fr", "score_pool4", "score_pool3"):
+            conv = model.head.get_submodule(name)
+            assert isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
+            conv.weight.normal_(std=0.05)
+            conv.bias.normal_(std=0.5)
+    uri = join(root, "models", "m")
+    card = ModelCard(
+        run_id="m",
+        architecture="fcn8s",
+        backbone="resnet18",
+        num_classes=len(CLASS_NAMES),
+        class_names=list(CLASS_NAMES),
+        normalization={"name": "imagenet"},
+    )
+    save_model(model, card, uri)
+    return uri
+
+
+def _dataset(root: str, num_images: int = 10) -> tuple[str, str]:
+    """A VOC dataset of ``num_images`` whose image 3 is corrupt; returns (root, bad uri)."""
+    data = join(root, "shapes")
+    write_synthetic(data, num_images=num_images, size=48, seed=5, val_fraction=0.0)
+    bad = join(data, "JPEGImages", "shapes_000003.jpg")
+    write_bytes(bad, b"\xff\xd8\xff\xe0 not really a jpeg")
+    return data, bad
+
+
+def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None:
+    data, bad = _dataset(storage_root)
+    model_uri = _model(storage_root)
+    out = join(storage_root, "out")
+    mirror = join(storage_root, "pngs")
+    result = segment(
+        SegmentConfig(
+            input_uri=data,
+            model_uri=model_uri,
+            output_uri=out,
+            run_id="seg1",
+            batch_size=3,
+            actors=1,
+            cpus_per_actor=0.5,
+            write_png=mirror,
+        )
+    )
+    assert committed_runs(out) == ["seg1"]
+    assert (result.num_images, result.num_errors) == (9, 1)
+
+    # Every input object in exactly one of predictions or errors.
+    predictions = read_table(out, "predictions").to_pylist()
+    errors = read_table(out, "errors").to_pylist()
+    ids = sorted([r["image_id"] for r in predictions] + [r["image_id"] for r in errors])
+    assert ids == [f"shapes_{i:06d}" for i in range(10)]
+    assert [e["image_uri"] for e in errors] == [bad]
+    assert errors[0]["stage"] == "decode_image" and errors[0]["message"]
+
+    # The label maps are the model's argmax, image by image.
+    from pipeline.artifacts import load_model
+
+    model = load_model(model_uri)
+    samples = {
+        s.image_id: s
+        for s in samples_from_batch(
+            load_batch(load_manifest(data), config=DatasetConfig(), num_classes=6)
+        )
+    }
+    to_input = eval_transform()
+    total = np.zeros((6, 6), dtype=np.int64)
+    for row in predictions:
+        sample = samples[row["image_id"]]
+        label = decode_label_png(row["label_map"])
+        with torch.inference_mode():
+            direct = model(to_input(sample.image, None)[0][None]).argmax(1)[0].numpy()
+        np.testing.assert_array_equal(label, direct)
+        assert (row["height"], row["width"]) == label.shape
+        assert row["class_pixel_counts"] == np.bincount(label.ravel(), minlength=6).tolist()
+        assert row["model_uri"] == model_uri
+        assert read_bytes(join(mirror, f"{row['image_id']}.png")) == row["label_map"]
+        assert sample.mask is not None
+        total += confusion_matrix(label, sample.mask, 6)
+
+    # The run's metrics: recomputed independently from the label maps and the masks.
+    (run,) = read_table(out, "runs").to_pylist()
+    expected = scores(total)
+    assert run["kind"] == "segment" and run["num_images"] == 9 and run["num_errors"] == 1
+    for key in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou"):
+        assert run[key] == pytest.approx(expected[key]), key
+    iou = [None if np.isnan(v) else pytest.approx(v) for v in expected["iou"]]
+    assert run["class_iou"] == iou
+
+    # class_metrics summed per class gives class_iou, in DuckDB as in pyarrow.
+    con = duckdb_connection(out)
+    sums = con.execute(
+        'SELECT class_id, sum(intersection) / sum("union") FROM class_metrics '
+        "WHERE run_id = 'seg1' GROUP BY class_id ORDER BY class_id"
+    ).fetchall()
+    for class_id, value in sums:
+        assert run["class_iou"][class_id] == pytest.approx(value)
+    absent = [i for i, v in enumerate(run["class_iou"]) if v is None]
+    assert all(class_id not in absent for class_id, _ in sums)
+    (count,) = con.execute("SELECT count(*) FROM predictions").fetchone()  # type: ignore[misc]
+    assert count == 9
+
+
+def test_images_only_prefix_and_overwrite(tmp_path: Path, ray_local: None) -> None:
+    data, _ = _dataset(str(tmp_path), num_images=4)
+    images_only = str(tmp_path / "flat")
+    for info in list_files(join(data, "JPEGImages")):
+        write_bytes(join(images_only, "a", info.relpath), read_bytes(info.uri))
+    model_uri = _model(str(tmp_path))
+    out = str(tmp_path / "out")
+    config = SegmentConfig(
+        input_uri=images_only,
+        model_uri=model_uri,
+        output_uri=out,
+        run_id="flat",
+        cpus_per_actor=0.5,
+    )
+    first = segment(config)
+    assert first.scores is None and (first.num_images, first.num_errors) == (3, 1)
+    assert read_table(out, "class_metrics").num_rows == 0
+    (run,) = read_table(out, "runs").to_pylist()
+    assert run["mean_iou"] is None and run["num_images"] == 3
+    assert sorted(read_table(out, "predictions")["image_id"].to_pylist()) == [
+        "a/shapes_000000",
+        "a/shapes_000001",
+        "a/shapes_000002",
+    ]
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        segment(config)
+    again = segment(replace(config, overwrite=True))
+    assert again.num_images == 3 and read_table(out, "predictions").num_rows == 3
+
+
+def test_killed_run_completes_with_the_same_id(tmp_path: Path) -> None:
+    data, _ = _dataset(str(tmp_path), num_images=24)
+    model_uri = _model(str(tmp_path))
+    out = str(tmp_path / "out")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
+    args = [
+        FCNPIPE, "segment", data, "--model", model_uri, "--output", out, "--batch-size", "2",
+        "--rows-per-file", "2", "--cpus-per-actor", "0.5", "--num-cpus", "2",
+    ]  # fmt: skip
+    # The driver dies abruptly (os._exit, as a kill would) once 6 predictions are in files.
+    first = subprocess.run(
+        [*args, "--run-id", "crash", "--fail-after", "6"], capture_output=True, text=True, env=env
+    )
+    assert first.returncode == 1 and "fault injection" in first.stdout, first.stderr[-3000:]
+    written = len(list((Path(out) / "predictions" / "run_id=crash").glob("part-*.parquet")))
+    assert written == 3, "three files of two rows before the crash"
+    assert committed_runs(out) == []  # a crash leaves nothing visible
+
+    rerun = subprocess.run([*args, "--run-id", "crash"], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already written by an earlier attempt" in rerun.stdout
+    whole = subprocess.run([*args, "--run-id", "whole"], capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    predictions = read_table(out, "predictions", ["crash"])
+    ids = predictions["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 23  # one row per good image, none twice
+    assert read_table(out, "errors", ["crash"]).num_rows == 1
+    runs = {r["run_id"]: r for r in read_table(out, "runs").to_pylist()}
+    for key in ("num_images", "num_errors", "pixel_acc", "mean_iou", "class_iou"):
+        assert runs["crash"][key] == runs["whole"][key], key
+    crash_cm = read_table(out, "class_metrics", ["crash"]).num_rows
+    assert crash_cm == read_table(out, "class_metrics", ["whole"]).num_rows
