@@ -405,6 +405,12 @@ def segment(
         dataset=DatasetConfig(layout=layout, storage=_storage(s3_endpoint)),
         fail_after=fail_after,
     )
+    import ray.data
+
+    # Ray Data's rich progress bars (its tqdm ones need tqdm, which is not installed).
+    context = ray.data.DataContext.get_current()
+    context.enable_rich_progress_bars = True
+    context.use_ray_tqdm = False
     result = run_segment(config, echo=typer.echo, num_cpus=num_cpus)
     if result.scores is not None:
         console = Console()
@@ -437,6 +443,31 @@ def bench_train(
         echo=typer.echo,
     )
     typer.echo(format_bench_train(result))
+
+
+@bench_app.command("segment")
+def bench_segment(
+    num_images: Annotated[int, typer.Option(min=2, help="Images of the speed runs.")] = 24,
+    size: Annotated[int, typer.Option(min=32, help="Their side.")] = 320,
+    model: Annotated[str, typer.Option(help="Model of the speed runs.")] = "fcn8s_vgg16",
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (loop and actor).")] = 2,
+    scale: Annotated[int, typer.Option(min=2, help="Image-count factor of the memory run.")] = 10,
+    local: Annotated[bool, typer.Option(help="Read local files instead of a local S3.")] = False,
+) -> None:
+    """Segmentation images/s: bare model loop vs the whole pipeline; peak memory at scale."""
+    from pipeline.experiments import bench_segment as run_bench
+    from pipeline.experiments import format_bench_segment
+
+    result = run_bench(
+        num_images=num_images,
+        size=size,
+        model=model,
+        threads=threads,
+        scale=scale,
+        use_s3=not local,
+        echo=typer.echo,
+    )
+    typer.echo(format_bench_segment(result))
 
 
 @experiment_app.command("skips")

@@ -344,9 +344,15 @@ def segment(
             fn_constructor_kwargs={"plan": plan},
             batch_format="pyarrow",
             batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            # Up to `actors`, started at once; down to one if the cluster loses nodes (a fixed
+            # size would wait for the lost capacity, holding the CPUs the reads need).
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=config.actors, initial_size=config.actors
+            ),
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor if config.use_gpu else None,
+            # One actor per node where possible: a lost node then costs one actor, not all.
+            scheduling_strategy="SPREAD",
         )
         tables = _Tables(writer, config.rows_per_file, fail_after=config.fail_after)
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -99,8 +99,8 @@ class TrainConfigError(ValueError):
 class FaultInjection:
     """Make one rank exit abruptly at a given step: for testing recovery only.
 
-    It fires only in an attempt that started without a checkpoint, so the attempt that
-    restores one goes through.
+    It fires once per run (a marker file next to the checkpoints records it), so the attempt
+    that restarts goes through.
     """
 
     rank: int
@@ -709,7 +709,7 @@ def train_loop_per_worker(plan: _Plan) -> None:
     to_input = eval_transform(normalization=config.normalization)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if plan.has_val else None
-    fault = config.fail_at if checkpoint is None else None
+    fault = config.fail_at
 
     for epoch in range(start_epoch, config.epochs):
         ddp_model.train()
@@ -723,10 +723,7 @@ def train_loop_per_worker(plan: _Plan) -> None:
         )
         for index, (batch, last) in enumerate(_with_last(batches_iter)):
             if fault is not None and (fault.rank, fault.epoch, fault.step) == (rank, epoch, index):
-                print(
-                    f"fault injection: rank {rank} exits at epoch {epoch} step {index}", flush=True
-                )
-                os._exit(1)
+                _inject_fault(plan, rank, epoch, index)
             step_now = last or (index + 1) % config.grad_accum == 0
             # Accumulating: skip DDP's gradient all-reduce on all but the micro-batch that
             # steps. Every rank sees the same number of batches (Ray splits the train set
@@ -819,6 +816,19 @@ def train_loop_per_worker(plan: _Plan) -> None:
                 f"lr {lr:.2e}, {images_per_s:.1f} img/s",
                 flush=True,
             )
+
+
+def _inject_fault(plan: _Plan, rank: int, epoch: int, step: int) -> None:
+    """Exit this worker abruptly, once per run (a marker next to the checkpoints says so)."""
+    marker = storage.join(plan.checkpoint_root, "fault_injected")
+    if storage.exists(marker, plan.storage):
+        return
+    storage.write_bytes(marker, b"", plan.storage)
+    print(f"fault injection: rank {rank} exits at epoch {epoch} step {step}", flush=True)
+    # Mid-epoch, not right after a report: Ray Train's controller polls the workers every
+    # 2 s, and a death within the same poll as the last report can lose that checkpoint.
+    time.sleep(5)
+    os._exit(1)
 
 
 def _initial_model(plan: _Plan) -> FCN:

@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from fcn.models import build_model
 from fcn.palette import decode_label_png
 from fcn.synthetic import CLASS_NAMES
 from fcn.transforms import eval_transform
+from infra.local.seaweedfs import SeaweedS3
 from pipeline.artifacts import ModelCard, save_model
 from pipeline.datasets import (
     DatasetConfig,
@@ -213,3 +216,56 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path) -> None:
         assert runs["crash"][key] == runs["whole"][key], key
     crash_cm = read_table(out, "class_metrics", ["crash"]).num_rows
     assert crash_cm == read_table(out, "class_metrics", ["whole"]).num_rows
+
+
+def test_bench_segment_reports_speed_stages_and_memory(ray_local: None) -> None:
+    from pipeline.experiments import bench_segment, format_bench_segment
+
+    result = bench_segment(
+        num_images=3, size=32, model="fcn32s_resnet18", scale=2, memory_size=32, use_s3=False
+    )
+    assert result["bare"] > 0 and result["full"] > 0
+    assert result["ratio"] == pytest.approx(result["full"] / result["bare"])
+    assert set(result["stages_ms"]) == {"model", "read+decode", "png"}
+    assert [row["images"] for row in result["memory"]] == [3, 6]
+    assert all(row["driver_mb"] > 0 and row["actors_mb"] > 0 for row in result["memory"])
+    assert "b/a" in format_bench_segment(result)
+
+
+def test_s3_restart_mid_run_is_retried(s3_env: SeaweedS3, bucket: str, ray_local: None) -> None:
+    root = f"s3://{bucket}"
+    data, _ = _dataset(root, num_images=40)
+    model_uri = _model(root)
+    out = join(root, "out")
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = segment(
+                SegmentConfig(
+                    input_uri=data,
+                    model_uri=model_uri,
+                    output_uri=out,
+                    run_id="hiccup",
+                    batch_size=2,
+                    rows_per_file=2,
+                    cpus_per_actor=0.5,
+                )
+            )
+        except BaseException as exc:  # reported below, with its message
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    partition = join(out, "predictions", "run_id=hiccup")
+    deadline = time.monotonic() + 300
+    while not list_files(partition) and worker.is_alive():
+        assert time.monotonic() < deadline, "no predictions file in time"
+        time.sleep(0.2)
+    assert worker.is_alive(), f"the run ended before the restart: {outcome}"
+    s3_env.restart()  # objects survive; every request meanwhile fails to connect
+    worker.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    predictions = read_table(out, "predictions")["image_id"].to_pylist()
+    assert len(predictions) == len(set(predictions)) == 39
+    assert [e["image_id"] for e in read_table(out, "errors").to_pylist()] == ["shapes_000003"]
