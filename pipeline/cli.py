@@ -447,7 +447,7 @@ def bench_train(
 
 @bench_app.command("segment")
 def bench_segment(
-    num_images: Annotated[int, typer.Option(min=2, help="Images of the speed runs.")] = 24,
+    num_images: Annotated[int, typer.Option(min=2, help="Images of the speed runs.")] = 48,
     size: Annotated[int, typer.Option(min=32, help="Their side.")] = 320,
     model: Annotated[str, typer.Option(help="Model of the speed runs.")] = "fcn8s_vgg16",
     threads: Annotated[int, typer.Option(min=1, help="torch threads (loop and actor).")] = 2,

@@ -151,6 +151,8 @@ class SegmentResult:
     """Images skipped because an earlier attempt had written them."""
     seconds: float
     """Wall time of the call."""
+    steady_images_per_s: float | None = None
+    """Images/s from the first result to the last: the rate once the actors are up."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +317,7 @@ def segment(
         )
     )
     processed = 0
+    steady: float | None = None
     if todo.num_rows:
         ensure_ray(num_cpus=num_cpus)
         plan = _ActorPlan(
@@ -355,11 +358,17 @@ def segment(
             scheduling_strategy="SPREAD",
         )
         tables = _Tables(writer, config.rows_per_file, fail_after=config.fail_after)
+        first_batch_at = last_batch_at = 0.0
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
             rows = pa.table(batch)
             tables.write(rows, card.class_names, config.model_uri)
+            if not processed:
+                first_batch_at, first_rows = time.perf_counter(), rows.num_rows
             processed += rows.num_rows
+            last_batch_at = time.perf_counter()
         tables.close()
+        if last_batch_at > first_batch_at:  # after start-up: actors up, the model loaded
+            steady = (processed - first_rows) / (last_batch_at - first_batch_at)
     seconds = time.perf_counter() - clock
     totals, num_images, num_errors = _run_totals(writer, card.num_classes)
     scores = _scores_from_counts(totals) if totals is not None else None
@@ -403,6 +412,7 @@ def segment(
         images_per_s=images_per_s,
         skipped=manifest.num_rows - todo.num_rows,
         seconds=time.perf_counter() - clock,
+        steady_images_per_s=steady,
     )
 
 
