@@ -294,6 +294,11 @@ def segment(
     manifest = load_manifest(
         config.input_uri, config.split, layout=config.dataset.layout, options=options
     )
+    if pc.count_distinct(manifest["image_id"]).as_py() != manifest.num_rows:
+        raise DatasetError(
+            f"{config.input_uri}: image ids repeat; each image needs its own id (rows are keyed"
+            " by it)"
+        )
     meta = manifest_meta(manifest)
     if meta.class_names is not None and len(meta.class_names) != card.num_classes:
         raise DatasetError(
@@ -320,6 +325,7 @@ def segment(
     steady: float | None = None
     if todo.num_rows:
         ensure_ray(num_cpus=num_cpus)
+        _check_fits(config)
         plan = _ActorPlan(
             model_uri=config.model_uri,
             num_classes=card.num_classes,
@@ -462,6 +468,25 @@ class _Tables:
         """Write what is buffered, in the safe order."""
         for w in self.order:
             w.close()
+
+
+def _check_fits(config: SegmentConfig) -> None:
+    """Refuse a pool that cannot start on this cluster (Ray Data would wait for it forever)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0.0))
+    if config.cpus_per_actor + config.dataset.num_cpus > cpus:
+        raise ValueError(
+            f"an actor ({config.cpus_per_actor:g} CPU) and a read task "
+            f"({config.dataset.num_cpus:g} CPU) do not fit this Ray cluster's {cpus:g} CPUs: "
+            "lower --cpus-per-actor"
+        )
+    if config.use_gpu and float(resources.get("GPU", 0.0)) < config.gpus_per_actor:
+        raise ValueError(
+            f"--use-gpu: this Ray cluster has {resources.get('GPU', 0):g} GPU(s), an actor "
+            f"needs {config.gpus_per_actor:g}"
+        )
 
 
 def _split_rows(tables: _Tables, batch: pa.Table, class_names: list[str], model: str) -> None:

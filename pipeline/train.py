@@ -334,9 +334,6 @@ def train(
         # RunWriter says the same; saying it before Ray starts saves a minute.
         RunWriter(out, run_id, "train")
     ckpt_loc = out.join(CHECKPOINT_DIR, run_id)
-    if config.overwrite:
-        storage.delete(ckpt_loc)
-    writer = RunWriter(out, run_id, "train", overwrite=config.overwrite)
 
     ensure_ray(num_cpus=num_cpus)
     config = _fit_to_cluster(config, echo)
@@ -369,6 +366,10 @@ def train(
     class_weight = (
         _class_weights(train_good, num_classes) if config.class_weighting != "none" else None
     )
+    # Every check has passed: only now may --overwrite delete the committed run.
+    if config.overwrite:
+        storage.delete(ckpt_loc)
+    writer = RunWriter(out, run_id, "train", overwrite=config.overwrite)
     batches = math.ceil(per_rank / config.batch_size)
     steps_per_epoch = math.ceil(batches / config.grad_accum)
     ckpt_fs, ckpt_path = out.join(CHECKPOINT_DIR).pyarrow_fs()
@@ -487,7 +488,11 @@ def _fit_to_cluster(config: TrainConfig, echo: Callable[[str], None]) -> TrainCo
     total = float(ray.cluster_resources().get("CPU", 0.0))
     spare = total - 1.0
     if config.cpus_per_worker is None:
-        per_worker = 1.0 if spare >= config.num_workers else round(spare / config.num_workers, 2)
+        per_worker = (
+            1.0
+            if spare >= config.num_workers
+            else math.floor(spare / config.num_workers * 100) / 100
+        )
         if per_worker < 0.05:
             raise TrainConfigError(
                 f"{config.num_workers} worker(s) do not fit a Ray cluster of {total:g} CPUs with "
@@ -736,7 +741,8 @@ def train_loop_per_worker(plan: _Plan) -> None:
                     ddp_model,
                     batch.images,
                     batch.masks,
-                    loss_scale=1.0 / config.grad_accum,
+                    # Mean over the batches of this step's group (the last may be short).
+                    loss_scale=1.0 / _group_size(index, config.grad_accum, plan.batches_per_epoch),
                     class_weight=class_weight,
                     autocast_dtype=autocast,
                 )
@@ -764,6 +770,10 @@ def train_loop_per_worker(plan: _Plan) -> None:
             )
             # Each rank scores its share of the val images; the sum of the matrices is the
             # matrix of the whole split, so every rank computes the same metrics.
+            # DDP broadcasts rank 0's buffers at each forward, but the last one updated each
+            # rank's BatchNorm statistics from its own batch: score with rank 0's, the ones
+            # the checkpoint keeps.
+            _broadcast_buffers(model)
             confusion = evaluate(model, samples, plan.num_classes, device=device).reduce()
             scores = confusion.scores()
             scores["confusion"] = confusion.matrix.cpu()
@@ -818,6 +828,12 @@ def train_loop_per_worker(plan: _Plan) -> None:
             )
 
 
+def _group_size(index: int, accum: int, batches: int) -> int:
+    """Batches in the accumulation group of batch ``index`` (the last group may be short)."""
+    start = index - index % accum
+    return max(1, min(accum, batches - start))
+
+
 def _inject_fault(plan: _Plan, rank: int, epoch: int, step: int) -> None:
     """Exit this worker abruptly, once per run (a marker next to the checkpoints says so)."""
     marker = storage.join(plan.checkpoint_root, "fault_injected")
@@ -852,6 +868,14 @@ def _device() -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()
+
+
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _all_reduce(tensor: torch.Tensor) -> None:

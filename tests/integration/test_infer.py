@@ -86,7 +86,7 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
             model_uri=model_uri,
             output_uri=out,
             run_id="seg1",
-            batch_size=3,
+            batch_size=1,  # the reference below runs one image at a time, on one thread
             actors=1,
             cpus_per_actor=0.5,
             write_png=mirror,
@@ -115,6 +115,8 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
     }
     to_input = eval_transform()
     total = np.zeros((6, 6), dtype=np.int64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor (0.5 CPU): the same float reductions
     for row in predictions:
         sample = samples[row["image_id"]]
         label = decode_label_png(row["label_map"])
@@ -127,6 +129,7 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
         assert read_bytes(join(mirror, f"{row['image_id']}.png")) == row["label_map"]
         assert sample.mask is not None
         total += confusion_matrix(label, sample.mask, 6)
+    torch.set_num_threads(threads)
 
     # The run's metrics: recomputed independently from the label maps and the masks.
     (run,) = read_table(out, "runs").to_pylist()
