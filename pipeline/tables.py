@@ -1048,19 +1048,41 @@ class RunWriter:
             self._writers[table].flush()
         key = DEDUP_KEYS[table]
         scanned = [s for s in self._scan(table, key) if s.part.rows]
+        if key is None:  # the whole run is the key: only the latest file counts
+            scanned = scanned[-1:]
         wanted = list(columns) if key is None or key in columns else [*columns, key]
+        owned = self._owned_keys(scanned) if key is not None else None
         fs = self._fs()
         for i, part in enumerate(scanned):
             with fs.open_input_file(self._root.join(part.part.path).path) as f:
                 data = pq.ParquetFile(f).read(columns=wanted)
-            if key is not None and part.keys is not None:
-                later = [s.keys for s in scanned[i + 1 :] if s.keys is not None]
-                if later:
-                    superseded = pc.is_in(data[key], value_set=pa.concat_arrays(later))
-                    data = data.filter(pc.invert(superseded))
-            elif key is None and i < len(scanned) - 1:
-                continue  # the whole run is the key: only the latest file counts
+            if owned is not None and key is not None:
+                # Keep the rows whose key this file is the latest to hold.
+                data = data.filter(pc.is_in(data[key], value_set=owned[i]))
             yield data.select(list(columns))
+
+    @staticmethod
+    def _owned_keys(scanned: list[_Scanned]) -> list[pa.Array]:
+        """Per file, the keys whose latest file it is (one group-by over all keys)."""
+        keyed = [s for s in scanned if s.keys is not None]
+        if not keyed:
+            return [pa.array([], pa.string()) for _ in scanned]
+        owners = pa.table(
+            {
+                "k": pa.chunked_array([s.keys for s in keyed]),
+                "f": pa.chunked_array(
+                    [
+                        pa.array([i] * len(s.keys), pa.int32())
+                        for i, s in enumerate(scanned)
+                        if s.keys is not None
+                    ]
+                ),
+            }
+        )
+        latest = owners.group_by("k").aggregate([("f", "max")]).sort_by("f_max")
+        bounds = np.searchsorted(latest["f_max"].to_numpy(), np.arange(len(scanned) + 1))
+        keys = latest["k"].combine_chunks()
+        return [keys.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(scanned))]
 
     def commit(
         self, extra: Mapping[str, Any] | None = None, *, finished_at: datetime | None = None

@@ -400,3 +400,29 @@ def test_new_run_ids_are_valid_and_distinct() -> None:
         assert validate_run_id(run_id).startswith("segment-")
     with pytest.raises(ValueError, match="kind"):
         new_run_id("predict")  # type: ignore[arg-type]
+
+
+def test_iter_written_is_what_commit_keeps(storage_root: str) -> None:
+    run_id = "segment-overlap"
+    run = RunWriter(storage_root, run_id, "segment")
+    # Three files; img1 and img2 are written again by later files (a rerun after a crash).
+    for ids in (["img0", "img1"], ["img1", "img2", "img3"], ["img2"]):
+        writer = run.writer("class_metrics")
+        writer.write([row for image_id in ids for row in _metrics(image_id)])
+        writer.close()
+    run.write("class_metrics", _metrics("img4"))  # still buffered: flushed by iter_written
+    written = pa.concat_tables(run.iter_written("class_metrics", ["image_id", "class_id"]))
+    pairs = sorted(
+        zip(written["image_id"].to_pylist(), written["class_id"].to_pylist(), strict=True)
+    )
+    assert pairs == [(f"img{i}", c) for i in range(5) for c in (0, 1)]  # each image once
+    runs = list(run.iter_written("runs", ["kind"]))
+    assert runs == []
+    run.commit()
+    committed = read_table(storage_root, "class_metrics", [run_id])
+    assert (
+        sorted(
+            zip(committed["image_id"].to_pylist(), committed["class_id"].to_pylist(), strict=True)
+        )
+        == pairs
+    )
