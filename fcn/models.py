@@ -44,7 +44,12 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.resnet import ResNet
 
-from fcn.surgery import LoadReport, bilinear_kernel, transplant_vgg16_classifier
+from fcn.surgery import (
+    LoadReport,
+    bilinear_kernel,
+    copy_matching,
+    transplant_vgg16_classifier,
+)
 
 # Strides of the skip features each head fuses, coarse to fine, after the stride-32 scores.
 _SKIPS: dict[str, tuple[int, ...]] = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8)}
@@ -465,23 +470,8 @@ def load_backbone_weights(
     if model.backbone_name == "vgg16":
         report = transplant_vgg16_classifier(model, state)
     else:
-        target = model.backbone.state_dict()
-        loaded = [key for key in state if key in target]
-        for key in loaded:
-            value = state[key]
-            if not isinstance(value, Tensor) or value.shape != target[key].shape:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(
-                    f"{key}: shape {got} does not match the {model.backbone_name} "
-                    f"backbone's {tuple(target[key].shape)}"
-                )
-        with torch.no_grad():
-            for key in loaded:
-                target[key].copy_(state[key])
-        report = LoadReport(
-            loaded=tuple(loaded),
-            missing=tuple(key for key in target if key not in state),
-            ignored=tuple(key for key in state if key not in target),
+        report = copy_matching(
+            model.backbone.state_dict(), state, where=f"the {model.backbone_name} backbone's"
         )
     if not report.loaded:
         raise ValueError(

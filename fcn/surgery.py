@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -157,25 +158,50 @@ def transplant_fcn(model: nn.Module, source_state_dict: Mapping[str, Tensor]) ->
         ValueError: A shared key has another shape (a different backbone or number of
             classes), naming the key; or no key is shared.
     """
-    target = model.state_dict()
-    shared = [key for key in source_state_dict if key in target]
-    for key in shared:
-        value = source_state_dict[key]
-        if not isinstance(value, Tensor) or value.shape != target[key].shape:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"{key}: shape {got} does not match the model's {tuple(target[key].shape)} "
-                "(staged training needs the same backbone and number of classes)"
-            )
-    if not shared:
+    report = copy_matching(
+        model.state_dict(),
+        source_state_dict,
+        where="the model's",
+        hint=" (staged training needs the same backbone and number of classes)",
+    )
+    if not report.loaded:
         raise ValueError(
             f"no key of the source fits the model (source keys start {list(source_state_dict)[:3]})"
         )
+    return report
+
+
+def copy_matching(
+    target: Mapping[str, Tensor],
+    source: Mapping[str, Any],
+    *,
+    where: str,
+    hint: str = "",
+) -> LoadReport:
+    """Copy every key of ``source`` that ``target`` has, all shapes checked before any copy.
+
+    Args:
+        target: A state dict to fill in place (e.g. ``model.state_dict()``).
+        source: The tensors to copy from; keys ``target`` lacks are reported, not copied.
+        where: How the error names the target (e.g. ``"the resnet18 backbone's"``).
+        hint: Appended to a shape error.
+
+    Raises:
+        ValueError: A shared key is not a tensor of the target's shape (naming the key).
+    """
+    shared = [key for key in source if key in target]
+    for key in shared:
+        value = source[key]
+        if not isinstance(value, Tensor) or value.shape != target[key].shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"{key}: shape {got} does not match {where} {tuple(target[key].shape)}{hint}"
+            )
     with torch.no_grad():
         for key in shared:
-            target[key].copy_(source_state_dict[key])
+            target[key].copy_(source[key])
     return LoadReport(
         loaded=tuple(shared),
-        missing=tuple(key for key in target if key not in source_state_dict),
-        ignored=tuple(key for key in source_state_dict if key not in target),
+        missing=tuple(key for key in target if key not in source),
+        ignored=tuple(key for key in source if key not in target),
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -182,18 +181,9 @@ def bench_read(
         if s3_uri is not None:
             result = run_bench(local_uri, s3_uri, num_images=num_images, config=config)
         else:  # the same synthetic bytes on a local S3 server
-            from infra.local.seaweedfs import SeaweedS3
+            from infra.local.seaweedfs import scratch_s3
 
-            key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
-            with SeaweedS3(Path(tmp) / "s3", access_key=key, secret_key=secret) as server:
-                server.create_bucket("bench")
-                # Set before Ray starts, so its workers inherit them (never runtime_env).
-                os.environ.update(
-                    AWS_ACCESS_KEY_ID=key,
-                    AWS_SECRET_ACCESS_KEY=secret,
-                    AWS_ENDPOINT_URL=server.endpoint,
-                    AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
-                )
+            with scratch_s3(Path(tmp) / "s3", "bench"):  # before Ray starts
                 s3_uri = "s3://bench/data"
                 write_synthetic(s3_uri, num_images=num_images, size=size)
                 try:

@@ -319,9 +319,6 @@ def bench_segment(
         use_s3: Read from a SeaweedFS S3 server started here on 127.0.0.1 (else local files).
         echo: Where progress lines go.
     """
-    import os
-    import secrets
-
     import ray
 
     from pipeline.cluster import ensure_ray
@@ -331,18 +328,9 @@ def bench_segment(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fcnpipe-bench-seg-")))
         root = str(tmp)
         if use_s3:
-            from infra.local.seaweedfs import SeaweedS3
+            from infra.local.seaweedfs import scratch_s3
 
-            key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
-            server = stack.enter_context(SeaweedS3(tmp / "s3", access_key=key, secret_key=secret))
-            server.create_bucket("bench")
-            # Before Ray starts, so its workers inherit them (never through runtime_env).
-            os.environ.update(
-                AWS_ACCESS_KEY_ID=key,
-                AWS_SECRET_ACCESS_KEY=secret,
-                AWS_ENDPOINT_URL=server.endpoint,
-                AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
-            )
+            stack.enter_context(scratch_s3(tmp / "s3", "bench"))  # before Ray starts
             root = "s3://bench"
         if not ray.is_initialized():  # only a Ray this call starts is this call's to stop
             stack.callback(ray.shutdown)

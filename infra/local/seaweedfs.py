@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -409,6 +411,29 @@ class SeaweedS3:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def scratch_s3(directory: Path, bucket: str) -> Iterator[SeaweedS3]:
+    """A throwaway server with random credentials and one bucket, for benchmarks.
+
+    The standard AWS variables of this process point at it while it runs, so a Ray started
+    afterwards hands them to its workers by inheritance (never through ``runtime_env``).
+
+    Args:
+        directory: Where the server keeps its data.
+        bucket: The bucket to create.
+    """
+    key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+    with SeaweedS3(directory, access_key=key, secret_key=secret) as server:
+        server.create_bucket(bucket)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID=key,
+            AWS_SECRET_ACCESS_KEY=secret,
+            AWS_ENDPOINT_URL=server.endpoint,
+            AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
+        )
+        yield server
 
 
 def main(argv: list[str] | None = None) -> int:
