@@ -127,8 +127,9 @@ class RetryPolicy:
     with exponential backoff and jitter (``max_attempts``, bounded by ``max_total_s``).
     """
 
-    max_attempts: int = 5
-    """Attempts per helper operation (read_bytes, write_bytes, exists, list_files, delete)."""
+    max_attempts: int = 8
+    """Attempts per helper operation (read_bytes, write_bytes, exists, list_files, delete).
+    Eight spans about 30 s of backoff: an S3 server restarting (about 10 s) is ridden out."""
     initial_delay_s: float = 0.5
     """Delay before the second attempt; doubles each attempt (with jitter)."""
     max_delay_s: float = 8.0
