@@ -6,12 +6,18 @@
 - ``storage_root``: a root URI on each backend in turn (``file`` and ``s3``), so a test
   using it runs on both.
 - ``ray_local`` (session): one local Ray with 2 CPUs whose workers can reach the S3 server.
+- ``prefect_server`` (session): one ``prefect server start`` (SQLite, own home) on 127.0.0.1.
+- ``prefect_api``: this process's Prefect client settings pointed at it, for one test.
+- ``ray_cluster``: a ``ray start`` head (token auth, Jobs API) on 127.0.0.1, for one test.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import string
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +25,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from infra.local.prefect_server import PrefectServer
+from infra.local.ray_cluster import LocalRayCluster
 from infra.local.seaweedfs import SeaweedS3
 
 S3_REGION = "us-east-1"
@@ -114,3 +122,45 @@ def ray_local(s3_server: SeaweedS3) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real Prefect server (``prefect server start``, SQLite) with its own home."""
+    with PrefectServer(tmp_path_factory.mktemp("prefect")) as server:
+        yield server
+
+
+@pytest.fixture
+def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """Flows called in this test report to ``prefect_server`` (not an ephemeral one).
+
+    Prefect reads its settings once at import, so the test changes them through
+    ``temporary_settings``, not the environment.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server
+
+
+@pytest.fixture
+def ray_cluster(s3_server: SeaweedS3) -> Iterator[LocalRayCluster]:
+    """A one-node ``ray start`` cluster with 2 CPUs, token auth on, reachable by Jobs API.
+
+    Its nodes run this virtualenv's ``python`` (first on their PATH, as a cluster image has
+    its Python) and reach ``s3_server`` with the test credentials.
+    """
+    env = {
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_REGION": S3_REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+    # Short: Ray's Unix socket paths under it must stay below 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    with LocalRayCluster(temp_dir, head_cpus=2, env=env) as cluster:
+        yield cluster

@@ -1,0 +1,337 @@
+"""The Prefect flows: train, segment, and train-then-segment, on embedded Ray or a cluster.
+
+Usage:
+    fcnpipe flow train DATASET_URI --output OUT_URI [--ray-address http://HOST:8265]
+    fcnpipe flow segment INPUT_URI --model MODEL_URI --output OUT_URI
+    fcnpipe flow train-and-segment DATASET_URI --output OUT_URI
+    fcnpipe schedule train DATASET_URI --output OUT_URI --cron "0 3 * * *"
+
+The flows are thin: each task calls one ``pipeline`` job, either in this process (an
+embedded Ray, the default) or, with ``ray_address``, as a Ray Job submitted through the Jobs
+API (:mod:`flows.ray_jobs`). Either way the job commits its tables under the output root and
+the flow reads what it reports from there (:func:`read_summary`), so both paths report the
+same thing. Run ids default to ones derived from the flow run, so a retried task or flow
+resumes the same run (training from its checkpoints, segmentation from its written rows)
+instead of starting another.
+"""
+
+# No `from __future__ import annotations`: Prefect builds its parameter model from the
+# annotations of the flows, and a deployment loads this file under another module name,
+# where string annotations would not resolve.
+import dataclasses
+import math
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from pipeline.infer import SegmentConfig
+from pipeline.report import Results, RunSummary
+from pipeline.storage import StorageOptions
+from pipeline.summary import PAPER_METRICS
+from pipeline.train import TrainConfig
+
+__all__ = [
+    "TrainAndSegmentResult",
+    "read_summary",
+    "segment_flow",
+    "train_and_segment_flow",
+    "train_flow",
+]
+
+RunKind = Literal["train", "segment"]
+
+# Errors a retry cannot fix: the configuration or the input is wrong.
+_NOT_RETRIED: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    LookupError,
+)
+
+
+def read_summary(output_uri: str, run_id: str, options: StorageOptions | None = None) -> RunSummary:
+    """A committed run's summary: its ``runs`` row, read back from the tables.
+
+    Args:
+        output_uri: The output root.
+        run_id: The run.
+        options: Storage options of the output root.
+
+    Raises:
+        pipeline.tables.RunNotCommittedError: The run is not committed.
+    """
+    with Results(output_uri, options) as results:
+        return results.summary(run_id)
+
+
+def flow_run_id(kind: RunKind) -> str:
+    """A run id derived from the current flow run: the same for all its retries.
+
+    E.g. ``train-20261121-030000-1a2b3c4d``: the run's scheduled start (UTC) and the start of
+    its id. Outside a flow run (tests calling tasks directly), a fresh id.
+
+    Args:
+        kind: ``train`` or ``segment``.
+    """
+    from pipeline.tables import new_run_id
+
+    run = flow_run.get_id()
+    if run is None:
+        return new_run_id(kind)
+    start = flow_run.get_scheduled_start_time()
+    return f"{kind}-{start:%Y%m%d-%H%M%S}-{str(run).replace('-', '')[:8]}"
+
+
+def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry infrastructure failures, not bad configuration."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, _NOT_RETRIED)
+
+
+def _logger() -> Callable[[str], None]:
+    return get_run_logger().info
+
+
+def _job_entrypoint(kind: RunKind, config: TrainConfig | SegmentConfig) -> str:
+    from pipeline.jobs import config_to_json
+
+    return f"python -m pipeline.jobs {kind} {shlex.quote(config_to_json(kind, config))}"
+
+
+def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str) -> None:
+    from flows.ray_jobs import connect, run_job
+
+    client = connect(ray_address)
+    run = flow_run.get_id()
+    # Deterministic per flow run and job: a retried task attaches to (or reruns) its job.
+    base = f"fcnpipe-{run}-{kind}" if run else f"fcnpipe-{config.run_id}"
+    run_job(
+        client,
+        base,
+        _job_entrypoint(kind, config),
+        metadata={"fcnpipe_run_id": str(config.run_id), "fcnpipe_kind": kind},
+        log=_logger(),
+    )
+
+
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless_user_error,
+    persist_result=True,
+)
+def train_task(
+    config: TrainConfig, ray_address: str | None = None, num_cpus: int | None = None
+) -> RunSummary:
+    """Run the training job (here, or as a Ray Job) and read back its summary."""
+    if ray_address:
+        _submit("train", config, ray_address)
+    else:
+        from pipeline.train import train
+
+        train(config, echo=_logger(), num_cpus=num_cpus)
+    assert config.run_id is not None  # set by the flow
+    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+
+
+@task(
+    name="segment",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless_user_error,
+    persist_result=True,
+)
+def segment_task(
+    config: SegmentConfig, ray_address: str | None = None, num_cpus: int | None = None
+) -> RunSummary:
+    """Run the segmentation job (here, or as a Ray Job) and read back its summary."""
+    if ray_address:
+        _submit("segment", config, ray_address)
+    else:
+        from pipeline.infer import segment
+
+        segment(config, echo=_logger(), num_cpus=num_cpus)
+    assert config.run_id is not None  # set by the flow
+    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+
+
+def _artifact_key(run_id: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes.
+    return "fcnpipe-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower())
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def summary_markdown(summary: RunSummary, links: dict[str, str]) -> str:
+    """The run's metrics and links as Markdown (the flow's artifact, also the CLI's summary).
+
+    Args:
+        summary: The run.
+        links: Label -> URI of its outputs.
+    """
+    lines = [
+        f"# {summary.kind} run `{summary.run_id}`",
+        "",
+        f"{summary.num_images} images, {summary.num_errors} errors.",
+        "",
+        "| " + " | ".join(PAPER_METRICS.values()) + " |",
+        "|" + "---:|" * len(PAPER_METRICS),
+        "| " + " | ".join(_number(summary.scores[k]) for k in PAPER_METRICS) + " |",
+        "",
+    ]
+    lines += [f"- {label}: `{uri}`" for label, uri in links.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _links(summary: RunSummary, output_uri: str) -> dict[str, str]:
+    from pipeline.storage import join
+
+    links = {"tables": output_uri}
+    if summary.model_uri:
+        links["model"] = summary.model_uri
+    if summary.input_uri:
+        links["input"] = summary.input_uri
+    if summary.kind == "segment":
+        links["predictions"] = join(output_uri, "predictions", f"run_id={summary.run_id}")
+    return links
+
+
+@task(name="publish", retries=3, retry_delay_seconds=5)
+def publish_task(
+    summary: RunSummary, output_uri: str, extra_links: dict[str, str] | None = None
+) -> None:
+    """Prefect artifacts for a run: the paper's metrics with links, and IoU per class."""
+    key = _artifact_key(summary.run_id)
+    links = {**_links(summary, output_uri), **(extra_links or {})}
+    create_markdown_artifact(
+        summary_markdown(summary, links),
+        key=key,
+        description=f"fcnpipe {summary.kind} run {summary.run_id}: metrics and outputs",
+    )
+    if summary.class_iou:
+        create_table_artifact(
+            [
+                {"class_id": i, "class": name, "iou": _number(iou)}
+                for i, (name, iou) in enumerate(
+                    zip(summary.class_names, summary.class_iou, strict=True)
+                )
+            ],
+            key=f"{key}-class-iou",
+            description=f"IoU per class, run {summary.run_id}",
+        )
+
+
+@task(name="html-report", retries=2, retry_delay_seconds=5)
+def report_task(output_uri: str, run_id: str, path: str, options: StorageOptions) -> str:
+    """Write the run's self-contained HTML report; returns where it went."""
+    from pipeline.report import write_html_report
+
+    return write_html_report(output_uri, run_id, path, options=options)
+
+
+def _with_run_id(config: Any, kind: RunKind) -> Any:
+    return config if config.run_id else dataclasses.replace(config, run_id=flow_run_id(kind))
+
+
+@flow(name="fcnpipe-train", validate_parameters=True)
+def train_flow(
+    config: TrainConfig, ray_address: str | None = None, num_cpus: int | None = None
+) -> RunSummary:
+    """Train an FCN and commit its model and tables.
+
+    Args:
+        config: The training job (``run_id`` None: derived from this flow run).
+        ray_address: A cluster's dashboard (``http://HOST:8265``) to submit a Ray Job to;
+            None: an embedded Ray in this process.
+        num_cpus: CPUs of the embedded Ray.
+    """
+    config = _with_run_id(config, "train")
+    summary = train_task(config, ray_address, num_cpus)
+    publish_task(summary, config.output_uri)
+    return summary
+
+
+@flow(name="fcnpipe-segment", validate_parameters=True)
+def segment_flow(
+    config: SegmentConfig, ray_address: str | None = None, num_cpus: int | None = None
+) -> RunSummary:
+    """Segment a dataset or bucket prefix into the result tables.
+
+    Args:
+        config: The segmentation job (``run_id`` None: derived from this flow run).
+        ray_address: A cluster's dashboard to submit a Ray Job to; None: embedded Ray.
+        num_cpus: CPUs of the embedded Ray.
+    """
+    config = _with_run_id(config, "segment")
+    summary = segment_task(config, ray_address, num_cpus)
+    publish_task(summary, config.output_uri)
+    return summary
+
+
+@dataclass(frozen=True)
+class TrainAndSegmentResult:
+    """The two runs of :func:`train_and_segment_flow`."""
+
+    train: RunSummary
+    """The training run."""
+    segment: RunSummary
+    """The segmentation of the val split with the new model."""
+    html_report: str | None
+    """Where the HTML report of the segmentation run is (None: not asked for)."""
+
+
+@flow(name="fcnpipe-train-and-segment", validate_parameters=True)
+def train_and_segment_flow(
+    config: TrainConfig,
+    actors: int = 1,
+    batch_size: int = 8,
+    segment_run_id: str | None = None,
+    html_report: str | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> TrainAndSegmentResult:
+    """Train, segment the val split with the new model, then summarise.
+
+    Args:
+        config: The training job; its val split is what gets segmented.
+        actors: Inference actors of the segmentation.
+        batch_size: Images per actor call.
+        segment_run_id: Run id of the segmentation (None: derived from this flow run).
+        html_report: Local path to write the segmentation run's HTML report to.
+        ray_address: A cluster's dashboard to submit Ray Jobs to; None: embedded Ray.
+        num_cpus: CPUs of the embedded Ray.
+    """
+    config = _with_run_id(config, "train")
+    if config.val_split is None:
+        raise ValueError("train_and_segment_flow segments the val split: set config.val_split")
+    trained = train_task(config, ray_address, num_cpus)
+    publish_task(trained, config.output_uri)
+    if trained.model_uri is None:
+        raise RuntimeError(f"training run {trained.run_id} committed no model")
+    segment_config = SegmentConfig(
+        input_uri=config.dataset_uri,
+        model_uri=trained.model_uri,
+        output_uri=config.output_uri,
+        run_id=segment_run_id or flow_run_id("segment"),
+        split=config.val_split,
+        batch_size=batch_size,
+        actors=actors,
+        dataset=dataclasses.replace(config.dataset, split=None),
+    )
+    segmented = segment_task(segment_config, ray_address, num_cpus)
+    report = None
+    if html_report:
+        report = report_task(
+            config.output_uri, segmented.run_id, html_report, config.dataset.storage
+        )
+    publish_task(segmented, config.output_uri, {"html report": report} if report else None)
+    return TrainAndSegmentResult(trained, segmented, report)

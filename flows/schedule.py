@@ -1,0 +1,96 @@
+"""Scheduled training: the training flow served as a Prefect deployment with a cron schedule.
+
+Usage:
+    fcnpipe schedule train s3://data/voc --output s3://results --cron "0 3 * * *" \\
+        --timezone Europe/Paris --set epochs=30
+
+``flow.serve`` registers the deployment with the Prefect server (``PREFECT_API_URL``) and runs
+its scheduled (and manually triggered) flow runs in subprocesses of this one until stopped.
+For a process work pool and ``prefect deploy``, see ``infra/prefect/prefect.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.train import TrainConfig
+
+__all__ = ["DEPLOYMENT_FLOW", "check_schedule", "serve_train", "train_parameters"]
+
+DEPLOYMENT_FLOW = "fcnpipe-train"
+"""The flow name deployments of :func:`flows.pipelines.train_flow` are listed under."""
+
+
+def check_schedule(cron: str, timezone: str = "UTC") -> Any:
+    """A Prefect cron schedule, after checking the expression and the time zone.
+
+    Args:
+        cron: Five-field cron expression, e.g. ``0 3 * * *``.
+        timezone: IANA time zone the expression is read in.
+
+    Raises:
+        ValueError: Not a cron expression, or not a time zone (the message names it).
+    """
+    from prefect._internal.schemas.validators import validate_cron_string
+    from prefect.client.schemas.schedules import is_valid_timezone
+    from prefect.schedules import Cron
+
+    try:
+        validate_cron_string(cron)
+    except ValueError:
+        raise ValueError(
+            f"--cron {cron!r} is not a cron expression: use five fields, minute hour "
+            "day-of-month month day-of-week, e.g. '0 3 * * *' for 03:00 every day"
+        ) from None
+    if len(cron.split()) != 5:
+        raise ValueError(f"--cron {cron!r}: use exactly five fields, e.g. '0 3 * * *'")
+    if not is_valid_timezone(timezone):
+        raise ValueError(f"--timezone {timezone!r} is not an IANA time zone, e.g. Europe/Paris")
+    return Cron(cron, timezone=timezone)
+
+
+def train_parameters(
+    config: TrainConfig, *, ray_address: str | None = None, num_cpus: int | None = None
+) -> dict[str, Any]:
+    """The deployment's parameters: the training flow's, as JSON values.
+
+    Args:
+        config: The training job every scheduled run does.
+        ray_address: The cluster's dashboard, or None for embedded Ray.
+        num_cpus: CPUs of the embedded Ray.
+    """
+    from pydantic import TypeAdapter
+
+    return {
+        "config": TypeAdapter(TrainConfig).dump_python(config, mode="json"),
+        "ray_address": ray_address,
+        "num_cpus": num_cpus,
+    }
+
+
+def serve_train(
+    config: TrainConfig,
+    schedule: Any,
+    *,
+    name: str = "scheduled",
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Create (or update) the deployment and serve it until interrupted.
+
+    Args:
+        config: The training job of every run (its ``run_id`` must be None).
+        schedule: From :func:`check_schedule`.
+        name: Deployment name: ``fcnpipe-train/<name>``.
+        ray_address: The cluster's dashboard, or None for embedded Ray.
+        num_cpus: CPUs of the embedded Ray.
+    """
+    from flows.pipelines import train_flow
+
+    train_flow.serve(
+        name=name,
+        schedule=schedule,
+        parameters=train_parameters(config, ray_address=ray_address, num_cpus=num_cpus),
+        description=f"Train {config.model_name} on {config.dataset_uri} into {config.output_uri}",
+        tags=["fcnpipe", "train"],
+    )

@@ -1,0 +1,221 @@
+"""A real multi-process Ray cluster on this machine: ``ray start`` head and workers, token auth.
+
+Usage (stays in the foreground until Ctrl-C; prints the addresses when it is ready)::
+
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(openssl rand -hex 32)
+    .venv/bin/python -m infra.local.ray_cluster --head-cpus 2
+
+then, in another shell with the same two variables set::
+
+    fcnpipe flow train DATASET --output OUT --ray-address http://127.0.0.1:8265
+
+Each node is one ``ray start --block`` process in its own process group, so stopping a node
+kills exactly its processes (``ray stop`` would kill every Ray on the machine, including other
+clusters). Every port is bound to 127.0.0.1 and the dashboard (Jobs API) too. Ray 2.60 turns
+token auth on for ``ray start`` clusters: the token comes from ``RAY_AUTH_TOKEN`` (or is made
+up), is handed to the nodes through their environment only, and every Jobs API request must
+carry it.
+
+In Python (the integration tests do this)::
+
+    with LocalRayCluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), head_cpus=2) as c:
+        c.add_node(num_cpus=2)
+        print(c.dashboard_url, c.env())
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from infra.local.prefect_server import HOST, free_port
+
+__all__ = ["LocalRayCluster"]
+
+
+class LocalRayCluster:
+    """A Ray head (and optional worker nodes) started with ``ray start`` on 127.0.0.1."""
+
+    def __init__(
+        self,
+        temp_dir: Path,
+        *,
+        head_cpus: int = 1,
+        token: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Describe the cluster; :meth:`start` (or ``with``) starts the head.
+
+        Args:
+            temp_dir: Ray's temp dir (sessions, logs, sockets): keep the path short, Unix
+                socket paths under it must stay below 107 bytes.
+            head_cpus: CPUs the head node offers to tasks.
+            token: The auth token (default: ``RAY_AUTH_TOKEN`` if set, else a new random one).
+            env: Extra variables for every node (e.g. S3 endpoint and credentials).
+        """
+        self.temp_dir = temp_dir
+        self.head_cpus = head_cpus
+        self.token = token or os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+        self.extra_env = dict(env or {})
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self._nodes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def address(self) -> str:
+        """The GCS address (``ray.init(address=...)``, ``ray start --address``)."""
+        return f"{HOST}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard and Jobs API (``--ray-address``)."""
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """Variables a client (Jobs API, ``ray.init``) needs: the auth mode and token."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def _node_env(self) -> dict[str, str]:
+        return {**os.environ, **self.extra_env, **self.env(), "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _ray(self) -> str:
+        return str(Path(sys.executable).parent / "ray")
+
+    def _launch(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.temp_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [self._ray(), "start", "--block", "--disable-usage-stats", *args],
+            env=self._node_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self._nodes.append(process)
+        return process
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the head and wait for its Jobs API to answer.
+
+        Raises:
+            RuntimeError: The head exited or did not answer in time (with its log).
+        """
+        head = self._launch(
+            [
+                "--head",
+                f"--node-ip-address={HOST}",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={self.head_cpus}",
+                "--include-dashboard=true",
+                f"--dashboard-host={HOST}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--temp-dir={self.temp_dir}",
+            ],
+            "head",
+        )
+        deadline = time.monotonic() + timeout_s
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/version",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        while time.monotonic() < deadline:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray head exited at start:\n{self.log_tail('head')}")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ray head not ready after {timeout_s:.0f} s:\n{self.log_tail('head')}")
+
+    def add_node(self, num_cpus: int = 1, resources: str | None = None) -> subprocess.Popen[bytes]:
+        """Start a worker node that joins the head (returns without waiting for it).
+
+        Args:
+            num_cpus: CPUs it offers.
+            resources: JSON of custom resources, e.g. ``'{"worker": 1}'``.
+        """
+        args = [f"--address={self.address}", f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={resources}")
+        return self._launch(args, f"node{len(self._nodes)}")
+
+    def kill_node(self, node: subprocess.Popen[bytes]) -> None:
+        """Kill one node's processes at once (SIGKILL), as a lost machine would."""
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop every node, workers first, each by its process group."""
+        nodes, self._nodes = self._nodes, []
+        for node in reversed(nodes):
+            if node.poll() is not None:
+                continue
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+                node.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+            except ProcessLookupError:
+                pass
+
+    def log_tail(self, name: str = "head", chars: int = 4000) -> str:
+        """The end of a node's ``ray start`` output."""
+        try:
+            return (self.temp_dir / f"{name}.log").read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> LocalRayCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a head (and workers) in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-cpus", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="worker nodes to add")
+    parser.add_argument("--worker-cpus", type=int, default=1)
+    parser.add_argument("--temp-dir", type=Path, default=Path("/tmp/fcnpipe-ray"))
+    args = parser.parse_args(argv)
+    with LocalRayCluster(args.temp_dir, head_cpus=args.head_cpus) as cluster:
+        for _ in range(args.workers):
+            cluster.add_node(args.worker_cpus)
+        print(f"ray address: {cluster.address}\njobs api: {cluster.dashboard_url}", flush=True)
+        if "RAY_AUTH_TOKEN" not in os.environ:
+            print(
+                f"token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from {cluster.temp_dir}/token",
+                flush=True,
+            )
+            (cluster.temp_dir / "token").write_text(cluster.token)
+            os.chmod(cluster.temp_dir / "token", 0o600)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The Prefect flows against a real Prefect server, on embedded Ray and through the Jobs API.
+
+What a user relies on: ``train_and_segment_flow`` commits a training run and a segmentation of
+the val split under run ids derived from the flow run, reports what the tables hold, and
+publishes its metrics as Prefect artifacts; with ``--ray-address`` the same flow submits Ray
+Jobs to a token-auth ``ray start`` cluster and reports the same; a job that already runs
+under the flow's submission id is attached to, not started twice; a scheduled deployment
+carries its cron schedule and parameters, and a triggered run of it completes with outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.pipelines import read_summary, train_and_segment_flow
+from flows.ray_jobs import JobFailed, connect, run_job
+from infra.local.prefect_server import PrefectServer
+from infra.local.ray_cluster import LocalRayCluster
+from pipeline.artifacts import load_card
+from pipeline.datasets import load_manifest, write_synthetic
+from pipeline.tables import committed_runs, read_table
+from pipeline.train import TrainConfig
+from tests.cli import FCNPIPE, fcnpipe
+
+pytestmark = pytest.mark.integration
+
+# Two half-CPU workers leave one CPU of the 2-CPU Ray to Ray Data; one short epoch.
+QUICK = {
+    "epochs": 1,
+    "batch_size": 4,
+    "crop_size": 64,
+    "scale_range": (1.0, 1.0),
+    "num_workers": 2,
+    "cpus_per_worker": 0.5,
+    "threads_per_worker": 1,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+}
+RUN_ID = re.compile(r"(train|segment)-\d{8}-\d{6}-[0-9a-f]{8}")
+
+
+def _dataset(root: Path, num_images: int = 16) -> str:
+    uri = str(root / "shapes")
+    write_synthetic(uri, num_images=num_images, size=64, seed=1, val_fraction=0.25)
+    return uri
+
+
+def _artifacts(server: PrefectServer, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The server's latest artifacts with these keys, through its REST API."""
+    body = {"artifacts": {"key": {"any_": keys}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"}
+    request = urllib.request.Request(
+        f"{server.api_url}/artifacts/filter",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        found: list[dict[str, Any]] = json.load(response)
+    return {a["key"]: a for a in reversed(found)}
+
+
+def test_train_and_segment_flow_commits_runs_and_publishes_artifacts(
+    tmp_path: Path, ray_local: None, prefect_api: PrefectServer
+) -> None:
+    dataset = _dataset(tmp_path)
+    out = str(tmp_path / "out")
+    report = tmp_path / "report.html"
+    config = TrainConfig(dataset_uri=dataset, output_uri=out, **QUICK)  # type: ignore[arg-type]
+
+    state = train_and_segment_flow(config, html_report=str(report), return_state=True)
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    trained, segmented = result.train, result.segment
+    assert RUN_ID.fullmatch(trained.run_id) and RUN_ID.fullmatch(segmented.run_id)
+    # Both ids come from the one flow run: same scheduled time and flow-run id suffix.
+    assert trained.run_id.split("-", 1)[1] == segmented.run_id.split("-", 1)[1]
+    assert committed_runs(out) == sorted([trained.run_id, segmented.run_id])
+    # The segmentation used the new model on exactly the val split.
+    val_ids = set(load_manifest(dataset, "val")["image_id"].to_pylist())
+    predicted = read_table(out, "predictions", [segmented.run_id], columns=["image_id"])
+    assert set(predicted["image_id"].to_pylist()) == val_ids
+    assert segmented.model_uri == trained.model_uri
+    assert load_card(trained.model_uri).num_classes == len(segmented.class_names)
+    # What the flow returned is what the tables say.
+    assert read_summary(out, segmented.run_id) == segmented
+    assert segmented.num_images == len(val_ids) and segmented.num_errors == 0
+    assert 0.0 <= segmented.scores["mean_iou"] <= 1.0  # type: ignore[operator]
+    assert result.html_report == str(report) and report.stat().st_size > 1000
+
+    key = f"fcnpipe-{segmented.run_id}"
+    by_key = _artifacts(prefect_api, [key, f"{key}-class-iou"])
+    assert set(by_key) == {key, f"{key}-class-iou"}
+    markdown = str(by_key[key]["data"])
+    assert f"{segmented.scores['mean_iou']:.3f}" in markdown
+    assert str(trained.model_uri) in markdown and str(report) in markdown
+    rows = json.loads(by_key[f"{key}-class-iou"]["data"])
+    assert [row["class"] for row in rows] == list(segmented.class_names)
+
+
+def test_run_job_attaches_to_a_running_job_and_reruns_a_failed_one(
+    ray_cluster: LocalRayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in ray_cluster.env().items():
+        monkeypatch.setenv(key, value)
+    client = connect(ray_cluster.dashboard_url)
+    client.submit_job(entrypoint="sleep 4; echo first-attempt", submission_id="flowrun-a-train")
+    lines: list[str] = []
+
+    job = run_job(client, "flowrun-a-train", "echo second-attempt", log=lines.append, poll_s=0.5)
+
+    assert job.attached and job.submission_id == "flowrun-a-train"
+    assert any("first-attempt" in line for line in lines)
+    assert not any("second-attempt" in line for line in lines)
+    ids = [j.submission_id for j in client.list_jobs()]
+    assert ids.count("flowrun-a-train") == 1
+
+    with pytest.raises(JobFailed, match=r"flowrun-b-train FAILED.*exit code 3"):
+        run_job(client, "flowrun-b-train", "echo broken; exit 3", log=lines.append, poll_s=0.5)
+    # The retry runs the job again, under the next id of the sequence.
+    again = run_job(client, "flowrun-b-train", "echo fixed", log=lines.append, poll_s=0.5)
+    assert again.submission_id == "flowrun-b-train-r1" and not again.attached
+    # And once it succeeded, a retry attaches to that success instead of running it again.
+    done = run_job(client, "flowrun-b-train", "echo never", log=lines.append, poll_s=0.5)
+    assert done.submission_id == "flowrun-b-train-r1" and done.attached
+
+
+def test_flow_submits_ray_jobs_with_token_auth(
+    tmp_path: Path, ray_cluster: LocalRayCluster, prefect_server: PrefectServer
+) -> None:
+    dataset = _dataset(tmp_path)
+    out = str(tmp_path / "out")
+    sets = [f"{key}={value}" for key, value in QUICK.items() if key != "scale_range"]
+    env = {**prefect_server.env(), **ray_cluster.env()}
+
+    result = fcnpipe(
+        "flow", "train-and-segment", dataset, "--output", out,
+        "--ray-address", ray_cluster.dashboard_url,
+        *[arg for item in sets for arg in ("--set", item)],
+        "--set", "scale_range=[1, 1]",
+        env=env,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "submitted Ray job fcnpipe-" in output
+    assert ray_cluster.token not in output  # never logged
+    runs = committed_runs(out)
+    assert len(runs) == 2 and {r.split("-")[0] for r in runs} == {"train", "segment"}
+    # The jobs ran on the cluster: its Jobs API lists both, succeeded.
+    os.environ.update(ray_cluster.env())
+    try:
+        jobs = {
+            j.submission_id: str(j.status) for j in connect(ray_cluster.dashboard_url).list_jobs()
+        }
+    finally:
+        for key in ray_cluster.env():
+            os.environ.pop(key, None)
+    assert sorted(s.rsplit("-", 1)[1] for s in jobs) == ["segment", "train"]
+    assert set(jobs.values()) == {"SUCCEEDED"}
+
+
+def test_wrong_token_and_dead_address_are_one_line_errors(
+    tmp_path: Path, ray_cluster: LocalRayCluster
+) -> None:
+    dataset = _dataset(tmp_path, num_images=8)
+    wrong = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+    for env, address, expected in (
+        (wrong, ray_cluster.dashboard_url, "Ray address"),
+        (ray_cluster.env(), "http://127.0.0.1:9", "does not answer"),
+    ):
+        result = fcnpipe(
+            "flow", "train", dataset, "--output", str(tmp_path / "o"), "--ray-address", address,
+            env=env,
+        )  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+        assert expected in lines[0] and address in lines[0]
+        assert ray_cluster.token not in result.stderr
+
+
+def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
+    tmp_path: Path, prefect_api: PrefectServer
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    dataset = _dataset(tmp_path)
+    out = str(tmp_path / "out")
+    sets = ["epochs=1", "batch_size=4", "crop_size=64", "scale_range=[1,1]", "num_workers=1",
+            "cpus_per_worker=1", "threads_per_worker=1", "val_split=null"]  # fmt: skip
+    command = [
+        FCNPIPE, "schedule", "train", dataset, "--output", out, "--cron", "0 3 * * *",
+        "--timezone", "Europe/Paris", "--name", "nightly", "--num-cpus", "2",
+        *[arg for item in sets for arg in ("--set", item)],
+    ]  # fmt: skip
+    env = {**os.environ, **prefect_api.env(), "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "serve.log").open("wb")
+    serving = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deployment = None
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while deployment is None and time.monotonic() < deadline:
+                assert serving.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    deployment = client.read_deployment_by_name("fcnpipe-train/nightly")
+                except Exception:  # not registered yet
+                    time.sleep(1)
+        assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == "0 3 * * *"  # type: ignore[union-attr]
+        assert schedule.schedule.timezone == "Europe/Paris"  # type: ignore[union-attr]
+        assert schedule.active
+        config = deployment.parameters["config"]
+        assert config["dataset_uri"] == dataset and config["output_uri"] == out
+        assert config["epochs"] == 1 and config["run_id"] is None
+        assert deployment.parameters["num_cpus"] == 2
+
+        flow_run = run_deployment("fcnpipe-train/nightly", timeout=480)
+
+        assert flow_run.state is not None and flow_run.state.is_completed(), (
+            tmp_path / "serve.log"
+        ).read_text()[-5000:]
+        (run_id,) = committed_runs(out)
+        assert RUN_ID.fullmatch(run_id) and run_id.endswith(str(flow_run.id).replace("-", "")[:8])
+        (row,) = read_table(out, "runs", [run_id]).to_pylist()
+        assert row["kind"] == "train" and load_card(row["model_uri"]).num_classes > 0
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)
+        try:
+            serving.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()
+        log.close()
