@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -235,6 +235,10 @@ class DatasetInfo:
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     """How a job finds, reads and decodes its dataset; travels into Ray tasks as it is."""
+
+    # Read from JSON (flow parameters, Ray Jobs) by pydantic: an unknown field is an error,
+    # not silently dropped. A plain dict, so this module needs no pydantic import.
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
     layout: LayoutChoice = "auto"
     """Layout of a dataset root; ``"auto"`` detects it. Ignored for a manifest."""

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +71,10 @@ _MAX_FILE_BYTES = 64 * 2**20  # of predictions (label maps) buffered before a fl
 @dataclass(frozen=True, kw_only=True)
 class SegmentConfig:
     """One segmentation job: which images, which model, where the tables go, how wide."""
+
+    # Read from JSON (flow parameters, Ray Jobs) by pydantic: an unknown field is an error,
+    # not silently dropped. A plain dict, so this module needs no pydantic import.
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
     input_uri: str
     """Dataset root (VOC, images/ + masks/, or any prefix of images) or a manifest."""

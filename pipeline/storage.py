@@ -46,7 +46,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -127,6 +127,10 @@ class RetryPolicy:
     with exponential backoff and jitter (``max_attempts``, bounded by ``max_total_s``).
     """
 
+    __pydantic_config__: ClassVar[dict[str, str]] = {
+        "extra": "forbid"
+    }  # unknown JSON fields are errors
+
     max_attempts: int = 8
     """Attempts per helper operation (read_bytes, write_bytes, exists, list_files, delete).
     Eight spans about 30 s of backoff: an S3 server restarting (about 10 s) is ridden out."""
@@ -169,6 +173,10 @@ class StorageOptions:
 
     The same options travel from the CLI or a flow into Ray workers.
     """
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {
+        "extra": "forbid"
+    }  # unknown JSON fields are errors
 
     s3_endpoint: str | None = None
     """S3 endpoint URL ``http(s)://host[:port]``; None: ``AWS_ENDPOINT_URL_S3`` /
