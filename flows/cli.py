@@ -17,6 +17,7 @@ apply, instead of repeating every option of ``fcnpipe train``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -201,12 +202,13 @@ def schedule_train(
     Each scheduled run trains under its own run id (from its flow run). PREFECT_API_URL
     names the Prefect server; for a work pool instead, see infra/prefect/prefect.yaml.
     """
-    from flows.schedule import check_schedule, serve_train
+    from flows.schedule import check_schedule, check_server, serve_train
 
     config = _config("train", {"dataset_uri": dataset_uri, "output_uri": output}, sets, s3_endpoint)
     schedule = check_schedule(cron, timezone)
     if config.run_id is not None:
         raise ValueError("--set run_id: a scheduled run derives its run id from its flow run")
+    check_server()
     _check_ray_address(ray_address)
     serve_train(config, schedule, name=name, ray_address=ray_address, num_cpus=num_cpus)
 
@@ -216,9 +218,9 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the demo's bucket, outputs and report go.")
     ] = Path("fcnpipe-demo"),
-    num_images: Annotated[int, typer.Option(min=8, help="Synthetic images to make.")] = 160,
-    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 96,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
+    num_images: Annotated[int, typer.Option(min=8, help="Synthetic images to make.")] = 400,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     num_cpus: NumCpus = None,
     seed: Annotated[int, typer.Option(help="Seed for data, weights and order.")] = 0,
 ) -> None:
@@ -240,6 +242,10 @@ def demo(
 def main() -> None:
     """Console-script entry point."""
     from flows.ray_jobs import JobFailed, RayAddressError
+
+    # Before Prefect is imported (it reads its settings once): an ephemeral server would
+    # try to send usage telemetry, and log an error for each try where there is no network.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     run(app, (*USER_ERRORS, RayAddressError, JobFailed))
 

@@ -39,20 +39,28 @@ class DemoConfig:
 
     workdir: Path = Path("fcnpipe-demo")
     """Directory for the local bucket, the result tables and the report."""
-    num_images: int = 160
+    num_images: int = 400
     """Synthetic images (train and val together)."""
-    size: int = 96
+    size: int = 128
     """Image side in pixels."""
-    epochs: int = 10
+    epochs: int = 20
     """Passes over the train split."""
+    crop_size: int | None = 96
+    """Side of the training crops (None: the image size). Smaller than the images: each
+    step costs about half as much, and thin strokes keep their width (no rescaling)."""
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    """Random rescale range of the training crops. None by default: in this short budget
+    the net underfits, and rescaling the 1-3 px strokes only makes them harder."""
     model: str = "fcn8s"
     """FCN head."""
     backbone: str = "resnet18"
     """Backbone, trained from scratch (nothing is downloaded)."""
     batch_size: int = 8
     """Crops per worker per step."""
-    lr: float = 3e-3
-    """AdamW learning rate."""
+    lr: float = 5e-3
+    """AdamW learning rate (poly decay)."""
+    class_weighting: str = "none"
+    """Loss weights per class: ``none`` or ``median_frequency``."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     num_cpus: int | None = None
@@ -77,16 +85,20 @@ class DemoConfig:
             output_uri=output_uri,
             model=self.model,
             backbone=self.backbone,
-            crop_size=self.size,
-            scale_range=(0.75, 1.25),
+            crop_size=min(self.crop_size or self.size, self.size),
+            scale_range=self.scale_range,
             batch_size=self.batch_size,
             epochs=self.epochs,
             optimizer="adamw",
             lr=self.lr,
             weight_decay=1e-4,
+            class_weighting=self.class_weighting,  # type: ignore[arg-type]
             schedule="poly",
             seed=self.seed,
             num_workers=self.num_workers,
+            # Block order plus a local buffer: a global shuffle of the split costs ~4 s an
+            # epoch on 2 cores, a fifth of the epoch.
+            shuffle="blocks",
         )
 
 

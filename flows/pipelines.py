@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.ray_jobs import JobStopped
 from pipeline.infer import SegmentConfig
 from pipeline.report import Results, RunSummary
 from pipeline.storage import StorageOptions
@@ -46,12 +47,14 @@ __all__ = [
 
 RunKind = Literal["train", "segment"]
 
-# Errors a retry cannot fix: the configuration or the input is wrong.
+# Errors a retry cannot fix: the configuration or the input is wrong, or a person stopped
+# the job on the cluster.
 _NOT_RETRIED: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     PermissionError,
     LookupError,
+    JobStopped,
 )
 
 
@@ -108,9 +111,12 @@ def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str
     from flows.ray_jobs import connect, run_job
 
     client = connect(ray_address)
-    run = flow_run.get_id()
-    # Deterministic per flow run and job: a retried task attaches to (or reruns) its job.
-    base = f"fcnpipe-{run}-{kind}" if run else f"fcnpipe-{config.run_id}"
+    # From the run id (itself from the flow run unless given): a retried task, or a new flow
+    # run resuming the same run id, attaches to the job that runs it instead of racing it.
+    # With overwrite, each flow run redoes the run, so it gets its own job.
+    base = f"fcnpipe-{config.run_id}"
+    if config.overwrite:
+        base += f"-{str(flow_run.get_id() or '').replace('-', '')[:8]}"
     run_job(
         client,
         base,
@@ -118,6 +124,20 @@ def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str
         metadata={"fcnpipe_run_id": str(config.run_id), "fcnpipe_kind": kind},
         log=_logger(),
     )
+
+
+def _already_committed(config: TrainConfig | SegmentConfig) -> bool:
+    """Whether a retry finds its run committed (by an attempt that died after the commit)."""
+    from pipeline.tables import is_committed
+
+    if (
+        config.run_id is None
+        or config.overwrite
+        or not is_committed(config.output_uri, config.run_id, config.dataset.storage)
+    ):
+        return False
+    _logger()(f"run {config.run_id} is already committed under {config.output_uri}; not rerun")
+    return True
 
 
 @task(
@@ -131,13 +151,15 @@ def train_task(
     config: TrainConfig, ray_address: str | None = None, num_cpus: int | None = None
 ) -> RunSummary:
     """Run the training job (here, or as a Ray Job) and read back its summary."""
-    if ray_address:
+    assert config.run_id is not None  # set by the flow
+    if _already_committed(config):
+        pass  # an earlier attempt committed it, then died before reporting
+    elif ray_address:
         _submit("train", config, ray_address)
     else:
         from pipeline.train import train
 
         train(config, echo=_logger(), num_cpus=num_cpus)
-    assert config.run_id is not None  # set by the flow
     return read_summary(config.output_uri, config.run_id, config.dataset.storage)
 
 
@@ -152,13 +174,15 @@ def segment_task(
     config: SegmentConfig, ray_address: str | None = None, num_cpus: int | None = None
 ) -> RunSummary:
     """Run the segmentation job (here, or as a Ray Job) and read back its summary."""
-    if ray_address:
+    assert config.run_id is not None  # set by the flow
+    if _already_committed(config):
+        pass  # an earlier attempt committed it, then died before reporting
+    elif ray_address:
         _submit("segment", config, ray_address)
     else:
         from pipeline.infer import segment
 
         segment(config, echo=_logger(), num_cpus=num_cpus)
-    assert config.run_id is not None  # set by the flow
     return read_summary(config.output_uri, config.run_id, config.dataset.storage)
 
 
@@ -325,6 +349,8 @@ def train_and_segment_flow(
         split=config.val_split,
         batch_size=batch_size,
         actors=actors,
+        use_gpu=config.use_gpu,
+        threads_per_actor=config.threads_per_worker,
         dataset=dataclasses.replace(config.dataset, split=None),
     )
     segmented = segment_task(segment_config, ray_address, num_cpus)

@@ -3,8 +3,9 @@
 A flow names each job with a submission id derived from its flow run. Submitting asks the
 cluster first: a job of that id that is pending or running is attached to (its logs
 followed) instead of starting a second one; one that succeeded is taken as done; one that
-failed or was stopped is followed by a new attempt, ``<id>-r1``, ``<id>-r2``..., so a retried
-task reruns the job (which resumes from its checkpoints or completes its tables).
+failed is followed by a new attempt, ``<id>-r1``, ``<id>-r2``..., so a retried task reruns
+the job (which resumes from its checkpoints or completes its tables); one that was stopped
+(``ray job stop``) is a decision, not rerun.
 
 Token auth: when ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` are set in the environment,
 Ray's ``JobSubmissionClient`` sends the token itself; it is never a parameter, and never
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "JobFailed",
+    "JobStopped",
     "RayAddressError",
     "RayJob",
     "connect",
@@ -32,8 +34,8 @@ __all__ = [
 ]
 
 _TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-_RERUN = frozenset({"FAILED", "STOPPED"})
 _MAX_ATTEMPTS = 100
+_MAX_POLL_ERRORS = 10
 
 
 class RayAddressError(ConnectionError):
@@ -41,7 +43,7 @@ class RayAddressError(ConnectionError):
 
 
 class JobFailed(RuntimeError):
-    """A Ray job ended FAILED or STOPPED."""
+    """A Ray job ended FAILED (or STOPPED: :class:`JobStopped`)."""
 
     def __init__(self, submission_id: str, status: str, message: str, log_tail: str) -> None:
         self.submission_id = submission_id
@@ -52,6 +54,10 @@ class JobFailed(RuntimeError):
             f"Ray job {submission_id} {status}: {message or 'no message'}"
             f" (ray job logs {submission_id} shows its log)"
         )
+
+
+class JobStopped(JobFailed):
+    """A Ray job was stopped on the cluster (``ray job stop``): not rerun, not retried."""
 
 
 @dataclass(frozen=True)
@@ -153,36 +159,65 @@ def run_job(
         poll_s: Seconds between status and log polls.
 
     Raises:
-        JobFailed: The job ended FAILED or STOPPED (its last log lines in the message).
+        JobFailed: The job ended FAILED (its last log lines in ``log_tail``).
+        JobStopped: The job (or an earlier attempt) was stopped on the cluster.
     """
     started = time.monotonic()
-    known = {job.submission_id: str(job.status) for job in client.list_jobs()}
     for submission_id in submission_ids(base_id):
-        status = known.get(submission_id)
-        if status in _RERUN:
-            continue
+        status = _status(client, submission_id)
+        if status == "FAILED":
+            continue  # a failed attempt: the next id reruns the job (it resumes its run)
+        if status == "STOPPED":
+            # Somebody stopped it on purpose (`ray job stop`): do not undo that.
+            raise JobStopped(submission_id, status, "stopped on the cluster; not rerun", "")
         attached = status is not None
+        if not attached:
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env=dict(runtime_env or {}),
+                    metadata=dict(metadata or {}),
+                )
+                log(f"submitted Ray job {submission_id}")
+            except RuntimeError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                attached = True  # submitted by a twin of this task since we looked
         if attached:
-            log(f"attaching to Ray job {submission_id} ({status})")
-        else:
-            client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=submission_id,
-                runtime_env=dict(runtime_env or {}),
-                metadata=dict(metadata or {}),
-            )
-            log(f"submitted Ray job {submission_id}")
+            log(f"attaching to Ray job {submission_id} ({status or 'just submitted'})")
         _follow(client, submission_id, log, poll_s)
         return RayJob(submission_id, attached, time.monotonic() - started)
     raise JobFailed(base_id, "FAILED", f"gave up after {_MAX_ATTEMPTS} attempts", "")
 
 
+def _status(client: Any, submission_id: str) -> str | None:
+    """The job's status, or None when the cluster has no job of that id."""
+    try:
+        return str(client.get_job_info(submission_id).status)
+    except RuntimeError as exc:  # the SDK raises RuntimeError for every non-200 answer
+        if "status code 404" in str(exc):
+            return None
+        raise
+
+
 def _follow(client: Any, submission_id: str, log: Callable[[str], None], poll_s: float) -> None:
     printed = 0
+    errors = 0
     while True:
-        info = client.get_job_info(submission_id)
+        try:
+            info = client.get_job_info(submission_id)
+            logs = client.get_job_logs(submission_id)
+            errors = 0
+        except (RuntimeError, OSError) as exc:
+            # The head restarting or a network blip: the job itself is unaffected.
+            errors += 1
+            if errors >= _MAX_POLL_ERRORS:
+                raise
+            log(f"polling Ray job {submission_id} failed ({exc}); retrying")
+            time.sleep(poll_s * errors)
+            continue
         status = str(info.status)
-        logs = client.get_job_logs(submission_id)
         # Whole lines only: the last one may still be being written.
         end = logs.rfind("\n") + 1 if status not in _TERMINAL else len(logs)
         for line in logs[printed:end].splitlines():
@@ -195,5 +230,6 @@ def _follow(client: Any, submission_id: str, log: Callable[[str], None], poll_s:
             # Ray's message repeats the log after its first line; the log was followed above.
             first = (info.message or "").strip().splitlines()[:1]
             message = first[0].split(", last available logs")[0] if first else ""
-            raise JobFailed(submission_id, status, message, tail)
+            failure = JobStopped if status == "STOPPED" else JobFailed
+            raise failure(submission_id, status, message, tail)
         time.sleep(poll_s)

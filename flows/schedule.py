@@ -15,7 +15,13 @@ from typing import Any
 
 from pipeline.train import TrainConfig
 
-__all__ = ["DEPLOYMENT_FLOW", "check_schedule", "serve_train", "train_parameters"]
+__all__ = [
+    "DEPLOYMENT_FLOW",
+    "check_schedule",
+    "check_server",
+    "serve_train",
+    "train_parameters",
+]
 
 DEPLOYMENT_FLOW = "fcnpipe-train"
 """The flow name deployments of :func:`flows.pipelines.train_flow` are listed under."""
@@ -25,7 +31,7 @@ def check_schedule(cron: str, timezone: str = "UTC") -> Any:
     """A Prefect cron schedule, after checking the expression and the time zone.
 
     Args:
-        cron: Five-field cron expression, e.g. ``0 3 * * *``.
+        cron: Five-field cron expression, e.g. ``0 3 * * *``, or a macro such as ``@daily``.
         timezone: IANA time zone the expression is read in.
 
     Raises:
@@ -42,11 +48,39 @@ def check_schedule(cron: str, timezone: str = "UTC") -> Any:
             f"--cron {cron!r} is not a cron expression: use five fields, minute hour "
             "day-of-month month day-of-week, e.g. '0 3 * * *' for 03:00 every day"
         ) from None
-    if len(cron.split()) != 5:
+    if len(cron.split()) != 5 and not cron.startswith("@"):  # @daily and friends are fine
         raise ValueError(f"--cron {cron!r}: use exactly five fields, e.g. '0 3 * * *'")
     if not is_valid_timezone(timezone):
         raise ValueError(f"--timezone {timezone!r} is not an IANA time zone, e.g. Europe/Paris")
     return Cron(cron, timezone=timezone)
+
+
+def check_server() -> str:
+    """The Prefect server's API URL, checked to answer: schedules need a real server.
+
+    Prefect's ephemeral server (what runs when ``PREFECT_API_URL`` is unset) has no
+    scheduler, so a deployment served on it would never run on its schedule.
+
+    Raises:
+        ValueError: ``PREFECT_API_URL`` is unset, or the server does not answer.
+    """
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = (PREFECT_API_URL.value() or "").rstrip("/")
+    if not url:
+        raise ValueError(
+            "schedules need a Prefect server: set PREFECT_API_URL, e.g. "
+            "http://127.0.0.1:4200/api (`python -m infra.local.prefect_server --home DIR` "
+            "starts one); the ephemeral server has no scheduler"
+        )
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10):
+            pass
+    except OSError as exc:
+        raise ValueError(f"Prefect server {url} does not answer ({exc})") from None
+    return url
 
 
 def train_parameters(

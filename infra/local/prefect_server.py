@@ -115,14 +115,15 @@ class PrefectServer:
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the server (its whole process group)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # anything of the group still left
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the server's log."""
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--ui", action="store_true", help="also serve the web UI")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on `kill` too
     with PrefectServer(args.home, port=args.port, ui=args.ui) as server:
         print(f"PREFECT_API_URL={server.api_url}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

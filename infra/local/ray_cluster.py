@@ -52,6 +52,7 @@ class LocalRayCluster:
         head_cpus: int = 1,
         token: str | None = None,
         env: dict[str, str] | None = None,
+        dashboard_port: int | None = None,
     ) -> None:
         """Describe the cluster; :meth:`start` (or ``with``) starts the head.
 
@@ -61,13 +62,14 @@ class LocalRayCluster:
             head_cpus: CPUs the head node offers to tasks.
             token: The auth token (default: ``RAY_AUTH_TOKEN`` if set, else a new random one).
             env: Extra variables for every node (e.g. S3 endpoint and credentials).
+            dashboard_port: Port of the dashboard and Jobs API (default: a free one).
         """
         self.temp_dir = temp_dir
         self.head_cpus = head_cpus
         self.token = token or os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
         self.extra_env = dict(env or {})
         self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.dashboard_port = dashboard_port or free_port()
         self._nodes: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -90,11 +92,24 @@ class LocalRayCluster:
     def _ray(self) -> str:
         return str(Path(sys.executable).parent / "ray")
 
+    @staticmethod
+    def _node_ports() -> list[str]:
+        """Free ports for every fixed-default listener of a node (the dashboard agent's
+        52365, the Ray Client server's 10001...), so this cluster never collides with another
+        Ray on the machine (a test's embedded one, a second cluster)."""
+        flags = (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+        return [f"{flag}={free_port()}" for flag in flags]
+
     def _launch(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         log = (self.temp_dir / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [self._ray(), "start", "--block", "--disable-usage-stats", *args],
+            [self._ray(), "start", "--block", "--disable-usage-stats", *self._node_ports(), *args],
             env=self._node_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -119,6 +134,7 @@ class LocalRayCluster:
                 "--include-dashboard=true",
                 f"--dashboard-host={HOST}",
                 f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={self.temp_dir}",
             ],
             "head",
@@ -159,19 +175,17 @@ class LocalRayCluster:
         node.wait()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop every node, workers first, each by its process group."""
+        """Stop every node, workers first: SIGTERM to its process group, then SIGKILL to
+        whatever of the group is left (raylet, GCS, workers), even if the leader exited."""
         nodes, self._nodes = self._nodes, []
         for node in reversed(nodes):
-            if node.poll() is not None:
-                continue
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
-            except ProcessLookupError:
-                pass
+            node.wait()
 
     def log_tail(self, name: str = "head", chars: int = 4000) -> str:
         """The end of a node's ``ray start`` output."""
@@ -200,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="worker nodes to add")
     parser.add_argument("--worker-cpus", type=int, default=1)
     parser.add_argument("--temp-dir", type=Path, default=Path("/tmp/fcnpipe-ray"))
+    parser.add_argument("--dashboard-port", type=int, default=8265, help="Jobs API port")
     args = parser.parse_args(argv)
-    with LocalRayCluster(args.temp_dir, head_cpus=args.head_cpus) as cluster:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the nodes on `kill` too
+    with LocalRayCluster(
+        args.temp_dir, head_cpus=args.head_cpus, dashboard_port=args.dashboard_port
+    ) as cluster:
         for _ in range(args.workers):
             cluster.add_node(args.worker_cpus)
         print(f"ray address: {cluster.address}\njobs api: {cluster.dashboard_url}", flush=True)
@@ -210,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from {cluster.temp_dir}/token",
                 flush=True,
             )
-            (cluster.temp_dir / "token").write_text(cluster.token)
-            os.chmod(cluster.temp_dir / "token", 0o600)
+            fd = os.open(cluster.temp_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as token_file:
+                token_file.write(cluster.token)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0

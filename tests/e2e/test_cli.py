@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from fcn.palette import decode_label_png
 from fcn.synthetic import CLASS_NAMES
@@ -64,22 +63,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The README's first command, on a small budget: Prefect (ephemeral), Ray, two runs."""
     workdir = tmp_path / "demo"
     result = fcnpipe(
-        "demo",
-        "--workdir",
-        str(workdir),
-        "--num-images",
-        "8",
-        "--size",
-        "48",
-        "--epochs",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "mean IoU" in result.stdout
+        "demo", "--workdir", str(workdir), "--num-images", "16", "--size", "48", "--epochs", "1",
+        env={"PREFECT_HOME": str(tmp_path / "prefect")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "bucket" / "shapes" / "classes.txt").exists()
-    overlays = sorted((workdir / "overlays").glob("*.png"))
-    assert overlays
-    width, height = Image.open(overlays[0]).size
-    assert (width, height) == (3 * 48, 48)  # image | truth | prediction
+    runs = sorted(path.stem for path in (workdir / "results" / "_committed").glob("*.json"))
+    assert [run.split("-")[0] for run in runs] == ["segment", "train"]
+    # The summary names both runs, the metrics, the example queries and the report.
+    for text in (*runs, "mean IoU", "f.w. IoU", "fcnpipe query", "report.html", "target 0.8"):
+        assert text in result.stdout, text
+    assert (workdir / "report.html").stat().st_size > 1000

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import string
 import sys
 import tempfile
@@ -162,5 +163,8 @@ def ray_cluster(s3_server: SeaweedS3) -> Iterator[LocalRayCluster]:
     }
     # Short: Ray's Unix socket paths under it must stay below 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    with LocalRayCluster(temp_dir, head_cpus=2, env=env) as cluster:
-        yield cluster
+    try:
+        with LocalRayCluster(temp_dir, head_cpus=2, env=env) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from flows.pipelines import read_summary, train_and_segment_flow
+import flows.pipelines
+import pipeline.train
+from flows.pipelines import read_summary, train_and_segment_flow, train_flow
 from flows.ray_jobs import JobFailed, connect, run_job
 from infra.local.prefect_server import PrefectServer
 from infra.local.ray_cluster import LocalRayCluster
@@ -46,6 +48,7 @@ QUICK = {
     "optimizer": "adamw",
     "lr": 1e-3,
 }
+PREFECT_YAML = "infra/prefect/prefect.yaml"
 RUN_ID = re.compile(r"(train|segment)-\d{8}-\d{6}-[0-9a-f]{8}")
 
 
@@ -53,6 +56,34 @@ def _dataset(root: Path, num_images: int = 16) -> str:
     uri = str(root / "shapes")
     write_synthetic(uri, num_images=num_images, size=64, seed=1, val_fraction=0.25)
     return uri
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[Any]:
+    """Replace ``module.name`` with a wrapper that records each call's first argument."""
+    calls: list[Any] = []
+    real = getattr(module, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_a_configuration_error_is_not_retried(
+    tmp_path: Path, prefect_api: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainings = _count_calls(monkeypatch, pipeline.train, "train")
+    missing = str(tmp_path / "no-such-dataset")
+    config = TrainConfig(dataset_uri=missing, output_uri=str(tmp_path / "out"))
+
+    state = train_flow(config, return_state=True)
+
+    assert state.is_failed()
+    assert len(trainings) == 1  # the task has a retry, but not for this
+    with pytest.raises(ValueError, match="no-such-dataset"):
+        state.result()
 
 
 def _artifacts(server: PrefectServer, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -69,16 +100,30 @@ def _artifacts(server: PrefectServer, keys: list[str]) -> dict[str, dict[str, An
 
 
 def test_train_and_segment_flow_commits_runs_and_publishes_artifacts(
-    tmp_path: Path, ray_local: None, prefect_api: PrefectServer
+    tmp_path: Path, ray_local: None, prefect_api: PrefectServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dataset = _dataset(tmp_path)
     out = str(tmp_path / "out")
     report = tmp_path / "report.html"
     config = TrainConfig(dataset_uri=dataset, output_uri=out, **QUICK)  # type: ignore[arg-type]
+    # The training task's first attempt commits its run, then fails reading it back (as if
+    # the store blinked): the retry must report that run, not train again or refuse it.
+    trainings = _count_calls(monkeypatch, pipeline.train, "train")
+    real_summary = flows.pipelines.read_summary
+    failures = iter([OSError("injected: store unavailable")])
+
+    def flaky_summary(*args: Any, **kwargs: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_summary(*args, **kwargs)
+
+    monkeypatch.setattr(flows.pipelines, "read_summary", flaky_summary)
 
     state = train_and_segment_flow(config, html_report=str(report), return_state=True)
 
     assert state.is_completed(), state.message
+    assert next(failures, None) is None and len(trainings) == 1
     result = state.result()
     trained, segmented = result.train, result.segment
     assert RUN_ID.fullmatch(trained.run_id) and RUN_ID.fullmatch(segmented.run_id)
@@ -135,7 +180,10 @@ def test_run_job_attaches_to_a_running_job_and_reruns_a_failed_one(
 
 
 def test_flow_submits_ray_jobs_with_token_auth(
-    tmp_path: Path, ray_cluster: LocalRayCluster, prefect_server: PrefectServer
+    tmp_path: Path,
+    ray_cluster: LocalRayCluster,
+    prefect_server: PrefectServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     dataset = _dataset(tmp_path)
     out = str(tmp_path / "out")
@@ -157,15 +205,11 @@ def test_flow_submits_ray_jobs_with_token_auth(
     runs = committed_runs(out)
     assert len(runs) == 2 and {r.split("-")[0] for r in runs} == {"train", "segment"}
     # The jobs ran on the cluster: its Jobs API lists both, succeeded.
-    os.environ.update(ray_cluster.env())
-    try:
-        jobs = {
-            j.submission_id: str(j.status) for j in connect(ray_cluster.dashboard_url).list_jobs()
-        }
-    finally:
-        for key in ray_cluster.env():
-            os.environ.pop(key, None)
-    assert sorted(s.rsplit("-", 1)[1] for s in jobs) == ["segment", "train"]
+    for key, value in ray_cluster.env().items():
+        monkeypatch.setenv(key, value)
+    jobs = {j.submission_id: str(j.status) for j in connect(ray_cluster.dashboard_url).list_jobs()}
+    # One job per run, named after the run (fcnpipe-<run id>).
+    assert sorted(jobs) == [f"fcnpipe-{run}" for run in runs]
     assert set(jobs.values()) == {"SUCCEEDED"}
 
 
@@ -201,7 +245,7 @@ def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
             "cpus_per_worker=1", "threads_per_worker=1", "val_split=null"]  # fmt: skip
     command = [
         FCNPIPE, "schedule", "train", dataset, "--output", out, "--cron", "0 3 * * *",
-        "--timezone", "Europe/Paris", "--name", "nightly", "--num-cpus", "2",
+        "--timezone", "Europe/Paris", "--name", "cron-test", "--num-cpus", "2",
         *[arg for item in sets for arg in ("--set", item)],
     ]  # fmt: skip
     env = {**os.environ, **prefect_api.env(), "OMP_NUM_THREADS": "1"}
@@ -216,7 +260,7 @@ def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
             while deployment is None and time.monotonic() < deadline:
                 assert serving.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 try:
-                    deployment = client.read_deployment_by_name("fcnpipe-train/nightly")
+                    deployment = client.read_deployment_by_name("fcnpipe-train/cron-test")
                 except Exception:  # not registered yet
                     time.sleep(1)
         assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
@@ -229,7 +273,7 @@ def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
         assert config["epochs"] == 1 and config["run_id"] is None
         assert deployment.parameters["num_cpus"] == 2
 
-        flow_run = run_deployment("fcnpipe-train/nightly", timeout=480)
+        flow_run = run_deployment("fcnpipe-train/cron-test", timeout=480)
 
         assert flow_run.state is not None and flow_run.state.is_completed(), (
             tmp_path / "serve.log"
@@ -246,3 +290,48 @@ def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
             os.killpg(serving.pid, signal.SIGKILL)
             serving.wait()
         log.close()
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: PrefectServer) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **prefect_server.env(), "FCNPIPE_HOME": str(repo)}
+    prefect = str(Path(FCNPIPE).parent / "prefect")
+    pool = [prefect, "work-pool", "create", "fcnpipe-process", "--type", "process"]
+    done = subprocess.run(pool, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("nightly", "segment-bucket"):
+        deploy = [prefect, "--no-prompt", "deploy", "--name", name, "--prefect-file", PREFECT_YAML]
+        done = subprocess.run(
+            deploy, cwd=repo, env=env, capture_output=True, text=True, timeout=180
+        )
+        output = done.stdout + done.stderr
+        assert "successfully created" in output, output[-3000:]
+        # Prefect 3.8.8 with the pinned fastapi 0.154: after creating the deployment, the
+        # CLI's "is a worker polling?" check sends `limit: null`, which the server refuses
+        # (422). The deployment exists (checked below); only that hint fails.
+        assert done.returncode == 0 or "workers/filter" in output, output[-3000:]
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        nightly = client.read_deployment_by_name("fcnpipe-train/nightly")
+        segment = client.read_deployment_by_name("fcnpipe-segment/segment-bucket")
+    assert nightly.work_pool_name == "fcnpipe-process"
+    assert nightly.entrypoint == "flows/pipelines.py:train_flow"
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "0 3 * * *"  # type: ignore[union-attr]
+    assert nightly.parameters["config"]["epochs"] == 30
+    # The pull step runs the flow from the checkout FCNPIPE_HOME named at deploy time.
+    assert nightly.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}
+    ]
+    # Prefect validates runs against the flows' own typed parameters.
+    schema = nightly.parameter_openapi_schema
+    assert schema is not None and "TrainConfig" in str(schema)
+    # Unknown fields are refused, not dropped: a typo in prefect.yaml fails, loudly.
+    assert schema["definitions"]["TrainConfig"]["additionalProperties"] is False
+    assert segment.parameters["config"]["actors"] == 4 and not segment.schedules

@@ -1,0 +1,65 @@
+"""Bad input to the Prefect commands: one clear line and exit 2, before Prefect or Ray start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli import fcnpipe
+
+pytestmark = pytest.mark.e2e
+
+
+def _one_line_error(args: list[str], expected: str, env: dict[str, str] | None = None) -> None:
+    result = fcnpipe(*args, env={"PREFECT_API_URL": "", **(env or {})})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--cron", "every night"], "'every night' is not a cron expression"),
+        (["--cron", "0 3 * * * *"], "exactly five fields"),
+        (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "'Mars/Olympus' is not an IANA"),
+        (["--cron", "0 3 * * *", "--set", "epochs=0"], "epochs must be >= 1"),
+        (["--cron", "0 3 * * *", "--set", "epochs"], "expected FIELD=VALUE"),
+        (["--cron", "0 3 * * *", "--set", "epoch=3"], "epoch: Unexpected keyword argument"),
+        (["--cron", "0 3 * * *", "--set", "dataset.storage.anon=maybe"], "dataset.storage.anon"),
+        (["--cron", "0 3 * * *", "--set", "run_id=fixed"], "derives its run id"),
+    ],
+)
+def test_schedule_rejects_bad_input_in_one_line(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    _one_line_error(
+        ["schedule", "train", str(tmp_path / "data"), "--output", str(tmp_path / "o"), *extra],
+        expected,
+    )
+
+
+def test_flow_with_an_address_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
+    address = "http://127.0.0.1:9"  # discard port: nothing listens
+    _one_line_error(
+        ["flow", "train", str(tmp_path), "--output", str(tmp_path / "o"), "--ray-address", address],
+        f"Ray address {address} does not answer",
+    )
+
+
+def test_flow_with_a_malformed_address_is_one_line(tmp_path: Path) -> None:
+    _one_line_error(
+        ["flow", "segment", str(tmp_path), "-m", "m", "-o", "o", "--ray-address", "ftp://x"],
+        "not a dashboard URL",
+    )
+
+
+def test_schedule_without_a_prefect_server_is_one_line(tmp_path: Path) -> None:
+    args = ["schedule", "train", str(tmp_path), "-o", str(tmp_path / "o"), "--cron", "0 3 * * *"]
+    _one_line_error(args, "schedules need a Prefect server: set PREFECT_API_URL")
+    _one_line_error(
+        args, "Prefect server http://127.0.0.1:9/api does not answer",
+        env={"PREFECT_API_URL": "http://127.0.0.1:9/api"},
+    )  # fmt: skip
