@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -259,16 +258,15 @@ def _reduce_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> 
 
 
 def test_reduce_across_two_processes(tmp_path: Path) -> None:
-    # fork on Linux: the children need only what this process has imported, while
-    # spawn re-imports torch in each (~5 s here against ~0.1 s). It is the pattern of
-    # DataLoader's fork workers: no process group or CUDA in the parent is touched,
-    # and each child sets one intra-op thread first.
+    # spawn, not fork: in the full suite this process has Ray, Prefect and their threads
+    # running by now, and a forked child inherits them mid-state (a child died at start in
+    # CI that way). Spawn re-imports torch in each child, a few seconds.
     mp.start_processes(
         _reduce_worker,
         args=(2, str(tmp_path / "dist_init"), str(tmp_path)),
         nprocs=2,
         join=True,
-        start_method="fork" if sys.platform == "linux" else "spawn",
+        start_method="spawn",
     )
     pred, target = random_batch(4)
     expected = confusion_matrix(pred, target, 6)
