@@ -140,6 +140,29 @@ def _already_committed(config: TrainConfig | SegmentConfig) -> bool:
     return True
 
 
+def _run_job(
+    kind: RunKind,
+    config: TrainConfig | SegmentConfig,
+    ray_address: str | None,
+    num_cpus: int | None,
+) -> RunSummary:
+    """The body of both job tasks: run the job unless committed, then read its summary."""
+    assert config.run_id is not None  # set by the flow
+    if _already_committed(config):
+        pass  # an earlier attempt committed it, then died before reporting
+    elif ray_address:
+        _submit(kind, config, ray_address)
+    elif isinstance(config, TrainConfig):
+        from pipeline.train import train
+
+        train(config, echo=_logger(), num_cpus=num_cpus)
+    else:
+        from pipeline.infer import segment
+
+        segment(config, echo=_logger(), num_cpus=num_cpus)
+    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+
+
 @task(
     name="train",
     retries=1,
@@ -151,16 +174,7 @@ def train_task(
     config: TrainConfig, ray_address: str | None = None, num_cpus: int | None = None
 ) -> RunSummary:
     """Run the training job (here, or as a Ray Job) and read back its summary."""
-    assert config.run_id is not None  # set by the flow
-    if _already_committed(config):
-        pass  # an earlier attempt committed it, then died before reporting
-    elif ray_address:
-        _submit("train", config, ray_address)
-    else:
-        from pipeline.train import train
-
-        train(config, echo=_logger(), num_cpus=num_cpus)
-    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+    return _run_job("train", config, ray_address, num_cpus)
 
 
 @task(
@@ -174,16 +188,7 @@ def segment_task(
     config: SegmentConfig, ray_address: str | None = None, num_cpus: int | None = None
 ) -> RunSummary:
     """Run the segmentation job (here, or as a Ray Job) and read back its summary."""
-    assert config.run_id is not None  # set by the flow
-    if _already_committed(config):
-        pass  # an earlier attempt committed it, then died before reporting
-    elif ray_address:
-        _submit("segment", config, ray_address)
-    else:
-        from pipeline.infer import segment
-
-        segment(config, echo=_logger(), num_cpus=num_cpus)
-    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+    return _run_job("segment", config, ray_address, num_cpus)
 
 
 def _artifact_key(run_id: str) -> str:
