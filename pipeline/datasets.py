@@ -704,7 +704,10 @@ def read_dataset(
     each input row is in exactly one of them. Lazy datasets re-run their pipeline on each
     consumption: consuming both reads and decodes twice, and each training epoch reads
     again. ``cache=True`` decodes once into Ray's object store (spilling to disk when
-    full) and derives both from that; otherwise consume :func:`read_decoded` in one pass.
+    full) and keeps both subsets there, so consuming them runs no task at all: an epoch
+    needs no free CPU (on a cluster whose CPUs the training workers hold in fragments,
+    e.g. half a CPU free on each of two nodes, a per-epoch task needing one CPU would wait
+    forever). Otherwise consume :func:`read_decoded` in one pass.
 
     Args:
         manifest_or_uri: A manifest table, a ``.parquet`` manifest URI, or a dataset root.
@@ -719,6 +722,8 @@ def read_dataset(
     decoded = read_decoded(manifest_or_uri, split=split, config=config)
     if cache:
         decoded = decoded.materialize()
+        # The decoded blocks are freed when `decoded` goes: only the two subsets stay.
+        return good_rows(decoded).materialize(), error_rows(decoded).materialize()
     return good_rows(decoded), error_rows(decoded)
 
 
