@@ -255,6 +255,14 @@ def train(
     threads_per_worker: Annotated[
         int | None, typer.Option(help="torch threads per worker (default: its CPUs).")
     ] = None,
+    placement_strategy: Annotated[
+        Literal["PACK", "SPREAD"],
+        typer.Option(help="PACK: fill nodes in turn; SPREAD: workers on as many nodes as fit."),
+    ] = "PACK",
+    shuffle: Annotated[
+        Literal["rows", "blocks", "none"],
+        typer.Option(help="Per-epoch shuffle: rows (global), blocks (cheap, local buffer)."),
+    ] = "rows",
     max_failures: Annotated[
         int, typer.Option(min=0, help="Restarts from the latest checkpoint.")
     ] = 2,
@@ -313,6 +321,8 @@ def train(
         use_gpu=use_gpu,
         cpus_per_worker=cpus_per_worker,
         threads_per_worker=threads_per_worker,
+        placement_strategy=placement_strategy,
+        shuffle=shuffle,
         max_failures=max_failures,
         overwrite=overwrite,
         dataset=DatasetConfig(storage=_storage(s3_endpoint)),

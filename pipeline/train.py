@@ -86,6 +86,7 @@ CHECKPOINT_DIR = "checkpoints"
 """Ray Train's run directories live under ``OUT/checkpoints/<run_id>/``."""
 
 ClassWeighting = Literal["none", "median_frequency"]
+PlacementStrategy = Literal["PACK", "SPREAD"]
 
 _STATE_FILE = "state.pt"
 _T = TypeVar("_T")
@@ -208,6 +209,10 @@ class TrainConfig:
     stays free for Ray Data (which feeds the workers: with none free, training waits)."""
     threads_per_worker: int | None = None
     """torch threads per worker; None: ``max(1, int(cpus_per_worker))``."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """Where Ray places the workers: ``PACK`` fills nodes one after another (DDP traffic
+    stays inside a node), ``SPREAD`` puts them on as many nodes as it can (one node's loss
+    costs fewer ranks, each node's disk and network serve fewer workers)."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
     shuffle: ShuffleMode = "rows"
@@ -234,6 +239,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.placement_strategy not in get_args(PlacementStrategy):
+            raise ValueError(
+                f"placement_strategy must be one of {get_args(PlacementStrategy)}, "
+                f"got {self.placement_strategy!r}"
+            )
         if self.class_weighting not in get_args(ClassWeighting):
             raise ValueError(
                 f"class_weighting must be one of {get_args(ClassWeighting)}, "
@@ -409,6 +419,7 @@ def train(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker or 1.0},
+            placement_strategy=config.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_id,
