@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,15 +31,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-HOST = "127.0.0.1"
-"""The only address the server binds to."""
+from infra.local._net import HOST, free_port
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+__all__ = ["HOST", "PrefectServer", "free_port"]  # HOST, free_port: for older importers
 
 
 class PrefectServer:

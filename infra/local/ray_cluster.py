@@ -9,9 +9,14 @@ then, in another shell with the same two variables set::
 
     fcnpipe flow train DATASET --output OUT --ray-address http://127.0.0.1:8265
 
+To run it in the background with the S3 server, and stop it later, use
+``python -m infra.local.stack up --dir DIR`` / ``down --dir DIR``.
+
 Each node is one ``ray start --block`` process in its own process group, so stopping a node
 kills exactly its processes (``ray stop`` would kill every Ray on the machine, including other
-clusters). Every port is bound to 127.0.0.1 and the dashboard (Jobs API) too. Ray 2.60 turns
+clusters). Every port is chosen free, and the nodes and the dashboard (Jobs API) use
+127.0.0.1; Ray still opens some listeners on all interfaces (the GCS and raylet gRPC ports,
+the per-node dashboard and runtime-env agents), which token auth guards. Ray 2.60 turns
 token auth on for ``ray start`` clusters: the token comes from ``RAY_AUTH_TOKEN`` (or is made
 up), is handed to the nodes through their environment only, and every Jobs API request must
 carry it.
@@ -37,7 +42,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from infra.local.prefect_server import HOST, free_port
+from infra.local._net import HOST, free_port
 
 __all__ = ["LocalRayCluster"]
 
@@ -53,6 +58,7 @@ class LocalRayCluster:
         token: str | None = None,
         env: dict[str, str] | None = None,
         dashboard_port: int | None = None,
+        object_store_memory: int | None = None,
     ) -> None:
         """Describe the cluster; :meth:`start` (or ``with``) starts the head.
 
@@ -63,6 +69,8 @@ class LocalRayCluster:
             token: The auth token (default: ``RAY_AUTH_TOKEN`` if set, else a new random one).
             env: Extra variables for every node (e.g. S3 endpoint and credentials).
             dashboard_port: Port of the dashboard and Jobs API (default: a free one).
+            object_store_memory: Bytes of object store per node (default: Ray's, 30% of
+                the machine's memory per node, which several nodes on one machine overcommit).
         """
         self.temp_dir = temp_dir
         self.head_cpus = head_cpus
@@ -70,6 +78,7 @@ class LocalRayCluster:
         self.extra_env = dict(env or {})
         self.gcs_port = free_port()
         self.dashboard_port = dashboard_port or free_port()
+        self.object_store_memory = object_store_memory
         self._nodes: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -81,6 +90,12 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         """The dashboard and Jobs API (``--ray-address``)."""
         return f"http://{HOST}:{self.dashboard_port}"
+
+    @property
+    def nodes(self) -> list[subprocess.Popen[bytes]]:
+        """The ``ray start`` process of every node since the last :meth:`stop` (killed ones
+        too), head first; each leads its own process group (its raylet, workers, GCS)."""
+        return list(self._nodes)
 
     def env(self) -> dict[str, str]:
         """Variables a client (Jobs API, ``ray.init``) needs: the auth mode and token."""
@@ -108,6 +123,8 @@ class LocalRayCluster:
     def _launch(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         log = (self.temp_dir / f"{name}.log").open("wb")
+        if self.object_store_memory is not None:
+            args = [*args, f"--object-store-memory={self.object_store_memory}"]
         process = subprocess.Popen(
             [self._ray(), "start", "--block", "--disable-usage-stats", *self._node_ports(), *args],
             env=self._node_env(),

@@ -11,6 +11,9 @@ then, in another shell with the same two variables set::
     export AWS_ENDPOINT_URL=http://127.0.0.1:8333
     fcnpipe ... s3://fcnpipe/...
 
+To run it in the background with a Ray cluster, and stop it later, use
+``python -m infra.local.stack up --dir DIR`` / ``down --dir DIR``.
+
 Credentials are read from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` and handed to
 ``weed`` through its environment only (never on its command line, where ``ps`` would show
 them); the server enforces them. Every port ``weed mini`` opens (master, volume, filer, S3,
@@ -33,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-HOST = "127.0.0.1"
-"""The only address the server binds to."""
+from infra.local._net import HOST, free_ports
 
 _LOG_TAIL_CHARS = 4000
 
@@ -80,7 +81,7 @@ class _Ports:
             s3_port: A fixed S3 port, or None for a free one.
         """
         names = [f for f in cls.__dataclass_fields__ if not (f == "s3" and s3_port)]
-        free = _free_ports(len(names), exclude={s3_port} if s3_port else set())
+        free = free_ports(len(names), exclude={s3_port} if s3_port else set())
         values: dict[str, Any] = dict(zip(names, free, strict=True))
         if s3_port:
             values["s3"] = s3_port
@@ -104,33 +105,6 @@ class _Ports:
             f"-admin.port={self.admin}",
             f"-admin.port.grpc={self.admin_grpc}",
         ]
-
-
-def _free_ports(count: int, exclude: set[int]) -> list[int]:
-    """Ask the kernel for ``count`` distinct free TCP ports on 127.0.0.1.
-
-    All sockets stay open until every port is chosen, so the ports are distinct; there is a
-    short window before weed binds them in which another process could take one (then weed
-    fails to start and says so in its log).
-
-    Args:
-        count: How many ports.
-        exclude: Ports not to return.
-    """
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((HOST, 0))
-            port = sock.getsockname()[1]
-            if port not in exclude:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 def find_weed() -> Path:
@@ -223,6 +197,11 @@ class SeaweedS3:
     def is_running(self) -> bool:
         """Whether the weed process is alive."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The weed process (the leader of its own process group), or None when stopped."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
 
     def start(self) -> None:
         """Start weed and wait until S3 answers a signed request.
