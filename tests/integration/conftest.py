@@ -146,13 +146,12 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def ray_cluster(s3_server: SeaweedS3) -> Iterator[LocalRayCluster]:
-    """A one-node ``ray start`` cluster with 2 CPUs, token auth on, reachable by Jobs API.
-
-    Its nodes run this virtualenv's ``python`` (first on their PATH, as a cluster image has
-    its Python) and reach ``s3_server`` with the test credentials.
-    """
-    env = {
+def ray_node_env(s3_server: SeaweedS3) -> dict[str, str]:
+    """Environment of ``ray start`` nodes: this virtualenv's ``python`` and ``fcnpipe`` first
+    on the PATH (as a cluster image has them), ``s3_server``'s endpoint and credentials, one
+    torch thread per process, and a node that stops answering declared dead within seconds
+    (Ray's default is about 30 s)."""
+    return {
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
@@ -160,11 +159,22 @@ def ray_cluster(s3_server: SeaweedS3) -> Iterator[LocalRayCluster]:
         "AWS_REGION": S3_REGION,
         "AWS_EC2_METADATA_DISABLED": "true",
         "OMP_NUM_THREADS": "1",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
     }
+
+
+@pytest.fixture
+def ray_cluster(ray_node_env: dict[str, str]) -> Iterator[LocalRayCluster]:
+    """A one-node ``ray start`` cluster with 2 CPUs, token auth on, reachable by Jobs API.
+
+    Tests add worker nodes with ``add_node``; all of them get ``ray_node_env``.
+    """
     # Short: Ray's Unix socket paths under it must stay below 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
-        with LocalRayCluster(temp_dir, head_cpus=2, env=env) as cluster:
+        with LocalRayCluster(temp_dir, head_cpus=2, env=ray_node_env) as cluster:
             yield cluster
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
