@@ -656,6 +656,9 @@ def test_dockerfile_installs_the_locked_environment_and_runs_as_a_user() -> None
     for sync in syncs:  # exactly uv.lock, without the dev tools
         assert "--frozen" in sync and "--no-dev" in sync, sync
     assert "--no-install-project" not in syncs[-1], "the project itself must be installed"
+    # The launcher's autoscaler runs in this image on the head and adds EC2 nodes with boto3.
+    assert all("--group cluster" in sync for sync in syncs), syncs
+    assert any(d.startswith("boto3") for d in _pyproject()["dependency-groups"]["cluster"])
     versions = set(re.findall(r"UV_PYTHON=(\d+\.\d+)", text))
     versions |= set(re.findall(r"uv python install (\d+\.\d+)", text))
     (python,) = versions
@@ -666,6 +669,12 @@ def test_dockerfile_installs_the_locked_environment_and_runs_as_a_user() -> None
     assert any(line.startswith("COPY ") and "uv.lock" in line for line in lines)
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), users
+    # Running prefect (or fcnpipe, which imports it) as root would leave the user's
+    # ~/.prefect owned by root, and the worker could not import prefect.
+    last_user = max(i for i, line in enumerate(lines) if line.startswith("USER "))
+    for i, line in enumerate(lines):
+        if re.search(r"(^RUN|&&|;)\s*(prefect|fcnpipe)\s", line):
+            assert i > last_user, f"runs prefect as root: {line}"
 
 
 def test_dockerignore_keeps_the_venv_out_and_the_project_in() -> None:
