@@ -271,6 +271,7 @@ def processes(state: StackState) -> list[StackProcess]:
     - The mark: ``FCNPIPE_LOCAL_STACK=<id>`` in the environment a process started with
       (Ray job drivers run in sessions of their own; Ray workers, which rewrite that memory
       for their ``ray::`` titles, are in their node's session).
+    - The components themselves, by pid and start time (a foreground ``serve`` leads none).
     - Descent: any child of a process found so far.
 
     Args:
@@ -289,6 +290,9 @@ def processes(state: StackState) -> list[StackProcess]:
             sessions.add(component.pid)
     mark = f"{MARKER}={state.id}".encode()
     ours = {p.pid for p in table.values() if p.sid in sessions or _marked(p.pid, mark)}
+    # A component that does not lead a session (``serve`` run in the foreground) is still
+    # itself, while it runs with its recorded start time.
+    ours |= {c.pid for c in state.components if c.pid in table and table[c.pid].start == c.start}
     children: dict[int, list[int]] = {}
     for process in table.values():
         children.setdefault(process.ppid, []).append(process.pid)
