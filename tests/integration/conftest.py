@@ -148,9 +148,8 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
 @pytest.fixture
 def ray_node_env(s3_server: SeaweedS3) -> dict[str, str]:
     """Environment of ``ray start`` nodes: this virtualenv's ``python`` and ``fcnpipe`` first
-    on the PATH (as a cluster image has them), ``s3_server``'s endpoint and credentials, one
-    torch thread per process, and a node that stops answering declared dead within seconds
-    (Ray's default is about 30 s)."""
+    on the PATH (as a cluster image has them), ``s3_server``'s endpoint and credentials, and
+    one torch thread per process."""
     return {
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
@@ -159,9 +158,6 @@ def ray_node_env(s3_server: SeaweedS3) -> dict[str, str]:
         "AWS_REGION": S3_REGION,
         "AWS_EC2_METADATA_DISABLED": "true",
         "OMP_NUM_THREADS": "1",
-        "RAY_health_check_period_ms": "1000",
-        "RAY_health_check_timeout_ms": "1000",
-        "RAY_health_check_failure_threshold": "3",
     }
 
 
