@@ -246,6 +246,10 @@ def main() -> None:
     # Before Prefect is imported (it reads its settings once): an ephemeral server would
     # try to send usage telemetry, and log an error for each try where there is no network.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its ephemeral server 20 s to start; a busy 2-core machine (a fresh
+    # install's first start, Ray starting beside it) can need more, and the flow then fails
+    # before it begins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
     run(app, (*USER_ERRORS, RayAddressError, JobFailed))
 

@@ -211,8 +211,9 @@ class TrainConfig:
     """torch threads per worker; None: ``max(1, int(cpus_per_worker))``."""
     placement_strategy: PlacementStrategy = "PACK"
     """Where Ray places the workers: ``PACK`` fills nodes one after another (DDP traffic
-    stays inside a node), ``SPREAD`` puts them on as many nodes as it can (one node's loss
-    costs fewer ranks, each node's disk and network serve fewer workers)."""
+    stays inside a node), ``SPREAD`` puts them on as many nodes as it can (each node's
+    memory, disk and network serve fewer workers). Either way a lost worker restarts the
+    whole group from the latest checkpoint."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
     shuffle: ShuffleMode = "rows"
