@@ -705,9 +705,10 @@ def read_dataset(
     consumption: consuming both reads and decodes twice, and each training epoch reads
     again. ``cache=True`` decodes once into Ray's object store (spilling to disk when
     full) and keeps both subsets there, so consuming them runs no task at all: an epoch
-    needs no free CPU (on a cluster whose CPUs the training workers hold in fragments,
-    e.g. half a CPU free on each of two nodes, a per-epoch task needing one CPU would wait
-    forever). Otherwise consume :func:`read_decoded` in one pass.
+    without a global shuffle needs no free CPU (on a cluster whose CPUs the training
+    workers hold in fragments, e.g. half a CPU free on each of two nodes, a per-epoch task
+    needing one CPU would wait forever; ``shuffle_each_epoch(..., "rows")`` still runs
+    its shuffle's tasks). Otherwise consume :func:`read_decoded` in one pass.
 
     Args:
         manifest_or_uri: A manifest table, a ``.parquet`` manifest URI, or a dataset root.

@@ -11,9 +11,7 @@ HOST = "127.0.0.1"
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def free_ports(count: int, exclude: Collection[int] = ()) -> list[int]:
@@ -33,7 +31,7 @@ def free_ports(count: int, exclude: Collection[int] = ()) -> list[int]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.bind((HOST, 0))
-            port = sock.getsockname()[1]
+            port = int(sock.getsockname()[1])
             if port not in exclude:
                 ports.append(port)
     finally:

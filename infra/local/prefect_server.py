@@ -33,7 +33,7 @@ from types import TracebackType
 
 from infra.local._net import HOST, free_port
 
-__all__ = ["HOST", "PrefectServer", "free_port"]  # HOST, free_port: for older importers
+__all__ = ["PrefectServer"]
 
 
 class PrefectServer:
