@@ -1,18 +1,28 @@
-"""Bad input to the Prefect commands: one clear line and exit 2, before Prefect or Ray start."""
+"""Bad input to the Prefect commands: one clear line and exit 2, before Prefect or Ray start.
+
+The schedule's argument checks run the entry point in this process (a process of its own
+costs about 9 s of imports each); the other tests run the installed script.
+"""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli import fcnpipe
+from tests.cli import CliResult, fcnpipe, fcnpipe_in_process
 
 pytestmark = pytest.mark.e2e
 
 
-def _one_line_error(args: list[str], expected: str, env: dict[str, str] | None = None) -> None:
-    result = fcnpipe(*args, env={"PREFECT_API_URL": "", **(env or {})})
+def _one_line_error(
+    args: list[str], expected: str, env: dict[str, str] | None = None, *, in_process: bool = False
+) -> None:
+    run = fcnpipe_in_process if in_process else fcnpipe
+    result: CliResult | subprocess.CompletedProcess[str] = run(
+        *args, env={"PREFECT_API_URL": "", **(env or {})}
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
@@ -38,6 +48,7 @@ def test_schedule_rejects_bad_input_in_one_line(
     _one_line_error(
         ["schedule", "train", str(tmp_path / "data"), "--output", str(tmp_path / "o"), *extra],
         expected,
+        in_process=True,
     )
 
 
