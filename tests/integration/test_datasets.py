@@ -285,14 +285,16 @@ def test_empty_prefix_is_a_clear_error(storage_root: str) -> None:
 
 
 def test_two_workers_each_image_once_per_epoch(
-    storage_root: str, tmp_path: Path, ray_local: None
+    s3_env: SeaweedS3, bucket: str, tmp_path: Path, ray_local: None
 ) -> None:
+    # On the S3 server only: the sharding is the same on every backend (the reads are
+    # tested on both above), and each Ray Train run costs half a minute here.
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.datasets import iter_train_batches, shuffle_each_epoch
 
-    root = join(storage_root, "voc")
+    root = f"s3://{bucket}/voc"
     write_synthetic(root, num_images=12, size=40, seed=1, val_fraction=0.0)
     config = DatasetConfig(require_masks=True, rows_per_block=2, batch_size=2)
     # Decoded once here, on warm workers; each epoch then re-runs only the shuffle.

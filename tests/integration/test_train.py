@@ -181,10 +181,12 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(
     root = f"s3://{bucket}/shapes"
     out = f"s3://{bucket}/out"
     write_synthetic(root, num_images=16, size=64, seed=4, val_fraction=0.25)
+    # One worker: two ranks resuming is the multi-node test's (a lost node); here the driver
+    # and the Ray it started die, and each run pays Ray Train's start-up once.
     args = [
-        FCNPIPE, "train", root, "--output", out, "--run-id", "crashy", "--epochs", "3",
+        FCNPIPE, "train", root, "--output", out, "--run-id", "crashy", "--epochs", "2",
         "--crop-size", "64", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3",
-        "--num-workers", "2", "--cpus-per-worker", "0.5", "--threads-per-worker", "1",
+        "--num-workers", "1", "--cpus-per-worker", "1", "--threads-per-worker", "1",
         "--num-cpus", "2",
     ]  # fmt: skip
     # Ray's socket paths must stay under 107 bytes: a short temp dir of its own.
@@ -193,8 +195,15 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(
     log = (tmp_path / "first.log").open("w")
     # Its own session: killing the group kills the driver and the Ray it started, as a
     # machine crash would.
+    # The first run's worker stalls at the start of epoch 1 (the hidden fault hook: 5 s,
+    # then exit), so the kill lands after epoch 0's checkpoint and before any of epoch 1's,
+    # however fast the epochs run; the torn epoch_0001 below cannot be a real checkpoint.
     first = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        [*args, "--fail-at", "0:1:0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     first_epoch = join(out, "checkpoints", "crashy", "epoch_0000", "state.pt")
     deadline = time.monotonic() + 400
@@ -210,13 +219,13 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(
         first.wait()
         log.close()
     # A torn checkpoint from the crash must never be picked up.
-    write_bytes(join(out, "checkpoints", "crashy", "epoch_0002", "state.pt"), b"torn")
+    write_bytes(join(out, "checkpoints", "crashy", "epoch_0001", "state.pt"), b"torn")
 
     rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resumed after epoch" in rerun.stdout + rerun.stderr
     training = read_table(out, "training").to_pylist()
-    assert sorted(row["epoch"] for row in training) == [0, 1, 2]
+    assert sorted(row["epoch"] for row in training) == [0, 1]
     assert "model:" in rerun.stdout and "(resumed)" in rerun.stdout
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
