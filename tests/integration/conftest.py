@@ -8,7 +8,7 @@
 - ``ray_local`` (session): one local Ray with 2 CPUs whose workers can reach the S3 server.
 - ``prefect_server`` (session): one ``prefect server start`` (SQLite, own home) on 127.0.0.1.
 - ``prefect_api``: this process's Prefect client settings pointed at it, for one test.
-- ``ray_cluster``: a ``ray start`` head (token auth, Jobs API) on 127.0.0.1, for one test.
+- ``ray_cluster`` (module): a ``ray start`` head (token auth, Jobs API) on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
         yield prefect_server
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_node_env(s3_server: SeaweedS3) -> dict[str, str]:
     """Environment of ``ray start`` nodes: this virtualenv's ``python`` and ``fcnpipe`` first
     on the PATH (as a cluster image has them), ``s3_server``'s endpoint and credentials, and
@@ -161,9 +161,11 @@ def ray_node_env(s3_server: SeaweedS3) -> dict[str, str]:
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster(ray_node_env: dict[str, str]) -> Iterator[LocalRayCluster]:
-    """A one-node ``ray start`` cluster with 2 CPUs, token auth on, reachable by Jobs API.
+    """A one-node ``ray start`` cluster with 2 CPUs, token auth on, reachable by Jobs API,
+    shared by the tests of a module (its start and stop cost about 13 s): a test looks only
+    at the jobs it submitted.
 
     Tests add worker nodes with ``add_node``; all of them get ``ray_node_env``.
     """
