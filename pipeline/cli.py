@@ -15,13 +15,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.storage import StorageError, StorageOptions
+from pipeline.faults import Faults
+from pipeline.storage import StorageError, StorageOptions, join
 
 app = typer.Typer(
     name="fcnpipe",
@@ -274,7 +275,11 @@ def train(
         int | None, typer.Option(help="CPUs of the embedded Ray (default: all; not on a cluster).")
     ] = None,
     fail_at: Annotated[
-        str | None, typer.Option(hidden=True, help="Testing: RANK:EPOCH:STEP exits a rank.")
+        str | None,
+        typer.Option(hidden=True, help="Testing: RANK:EPOCH:STEP[:stall] fails a rank."),
+    ] = None,
+    fault_dir: Annotated[
+        str | None, typer.Option(hidden=True, help="Testing: marker directory of the faults.")
     ] = None,
     s3_endpoint: S3Endpoint = None,
 ) -> None:
@@ -285,7 +290,7 @@ def train(
     """
     from pipeline.datasets import DatasetConfig
     from pipeline.summary import print_class_iou, print_paper_table
-    from pipeline.train import FaultInjection, TrainConfig
+    from pipeline.train import TrainConfig
     from pipeline.train import train as run_train
 
     config = TrainConfig(
@@ -326,16 +331,32 @@ def train(
         max_failures=max_failures,
         overwrite=overwrite,
         dataset=DatasetConfig(storage=_storage(s3_endpoint)),
-        fail_at=None if fail_at is None else FaultInjection.parse(fail_at),
     )
+    faults = None
+    if fail_at is not None:
+        train_at, stall = Faults.parse_train_at(fail_at)
+        faults = _faults(
+            output, run_id, fault_dir, s3_endpoint, train_at=train_at, train_stall=stall
+        )
     console = Console()
-    result = run_train(config, echo=typer.echo, num_cpus=num_cpus)
+    result = run_train(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
     label = f"{config.model_name} (epoch {result.epoch + 1})"
     if result.scores:
         print_paper_table(console, {label: result.scores}, title=f"val split, run {result.run_id}")
         print_class_iou(console, list(result.scores["iou"]), _class_names(result.model_uri))
     typer.echo(f"model: {result.model_uri}")
     typer.echo(f"trained in {result.seconds:.0f} s{' (resumed)' if result.resumed else ''}")
+
+
+def _faults(
+    output: str, run_id: str | None, fault_dir: str | None, s3_endpoint: str | None, **hooks: Any
+) -> Faults:
+    """The hidden test hooks, with their markers under ``--fault-dir`` (default
+    ``OUTPUT/_faults/RUN_ID``)."""
+    if fault_dir is None and run_id is None:
+        raise ValueError("fault injection needs --run-id or --fault-dir")
+    root = fault_dir or join(output, "_faults", str(run_id))
+    return Faults(root=root, storage=_storage(s3_endpoint).with_environment(), **hooks)
 
 
 def _class_names(model_uri: str) -> list[str]:
@@ -377,6 +398,12 @@ def segment(
     fail_after: Annotated[
         int | None, typer.Option(hidden=True, help="Testing: exit after N predictions.")
     ] = None,
+    stall_actors_after: Annotated[
+        int | None, typer.Option(hidden=True, help="Testing: actors stall after N batches.")
+    ] = None,
+    fault_dir: Annotated[
+        str | None, typer.Option(hidden=True, help="Testing: marker directory of the faults.")
+    ] = None,
     s3_endpoint: S3Endpoint = None,
 ) -> None:
     """Segment every image under INPUT_URI into label maps and metrics tables under OUTPUT."""
@@ -403,15 +430,24 @@ def segment(
         rows_per_file=rows_per_file,
         overwrite=overwrite,
         dataset=DatasetConfig(layout=layout, storage=_storage(s3_endpoint)),
-        fail_after=fail_after,
     )
+    faults = None
+    if fail_after is not None or stall_actors_after is not None:
+        faults = _faults(
+            output,
+            run_id,
+            fault_dir,
+            s3_endpoint,
+            driver_exit_after=fail_after,
+            actor_stall_after=stall_actors_after,
+        )
     import ray.data
 
     # Ray Data's rich progress bars (its tqdm ones need tqdm, which is not installed).
     context = ray.data.DataContext.get_current()
     context.enable_rich_progress_bars = True
     context.use_ray_tqdm = False
-    result = run_segment(config, echo=typer.echo, num_cpus=num_cpus)
+    result = run_segment(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
     if result.scores is not None:
         console = Console()
         print_paper_table(

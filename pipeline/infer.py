@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.artifacts import load_card
 from pipeline.datasets import DatasetConfig, DatasetError, load_manifest, manifest_meta
+from pipeline.faults import Faults
 from pipeline.storage import StorageOptions
 from pipeline.tables import RunWriter, is_committed, new_run_id, validate_run_id
 
@@ -111,8 +112,6 @@ class SegmentConfig:
     """Replace a committed run with the same id."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """Reading and decoding options (limits, layout, storage)."""
-    fail_after: int | None = None
-    """Testing only: the driver exits abruptly once this many predictions are in files."""
 
     def __post_init__(self) -> None:
         if self.run_id is not None:
@@ -169,6 +168,7 @@ class _ActorPlan:
     palette: bool
     write_png: str | None
     storage: StorageOptions
+    faults: Faults | None = None
 
 
 class Segmenter:
@@ -192,6 +192,7 @@ class Segmenter:
         self.mirror = (
             None if plan.write_png is None else storage.resolve(plan.write_png, plan.storage)
         )
+        self.calls = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Segment one batch of decoded rows; errors pass through as error rows."""
@@ -201,6 +202,13 @@ class Segmenter:
         from fcn.palette import encode_label_png
         from pipeline.datasets import samples_from_batch
 
+        faults = self.plan.faults
+        if faults is not None and faults.actor_stall_after == self.calls:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            faults.stall(f"actor-{os.getpid()}", node_id=node)
+        self.calls += 1
         n = self.plan.num_classes
         rows = batch.select(["image_id", "image_uri", "error_stage", "error_type", "error_message"])
         out: dict[str, list[Any]] = {name: [None] * batch.num_rows for name in SEGMENT_OUTPUT.names}
@@ -264,7 +272,11 @@ class Segmenter:
 
 
 def segment(
-    config: SegmentConfig, *, echo: Callable[[str], None] = print, num_cpus: int | None = None
+    config: SegmentConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    num_cpus: int | None = None,
+    faults: Faults | None = None,
 ) -> SegmentResult:
     """Segment every image of the input into the run's committed tables.
 
@@ -272,6 +284,7 @@ def segment(
         config: The job.
         echo: Where the summary line goes.
         num_cpus: CPUs of the embedded Ray, if this call starts one.
+        faults: Testing only: where actors stall or the driver exits (``pipeline.faults``).
 
     Raises:
         pipeline.artifacts.ArtifactError: The model artifact is missing or broken.
@@ -339,6 +352,7 @@ def segment(
             palette=config.palette,
             write_png=config.write_png,
             storage=options,
+            faults=faults,
         )
         # Blocks of about one actor batch: results stream back (and into files) steadily.
         rows_per_block = min(config.dataset.rows_per_block, config.batch_size)
@@ -367,7 +381,8 @@ def segment(
             # One actor per node where possible: a lost node then costs one actor, not all.
             scheduling_strategy="SPREAD",
         )
-        tables = _Tables(writer, config.rows_per_file, fail_after=config.fail_after)
+        exit_after = None if faults is None else faults.driver_exit_after
+        tables = _Tables(writer, config.rows_per_file, fail_after=exit_after)
         first_batch_at = last_batch_at = 0.0
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
             rows = pa.table(batch)

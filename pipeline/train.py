@@ -27,7 +27,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -66,18 +65,20 @@ from pipeline.datasets import (
     manifest_hash,
     manifest_meta,
 )
+from pipeline.faults import Faults
 from pipeline.storage import StorageOptions
 from pipeline.tables import RunWriter, is_committed, new_run_id, validate_run_id
 
 __all__ = [
     "CHECKPOINT_DIR",
     "ClassWeighting",
-    "FaultInjection",
     "TrainConfig",
     "TrainConfigError",
     "TrainResult",
+    "restore",
     "train",
     "train_loop_per_worker",
+    "was_resumed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ ClassWeighting = Literal["none", "median_frequency"]
 PlacementStrategy = Literal["PACK", "SPREAD"]
 
 _STATE_FILE = "state.pt"
+_RESUMED_MARKER = "resumed"
+"""Written beside the checkpoints by an attempt that restored one (see ``was_resumed``)."""
 _T = TypeVar("_T")
 
 
@@ -98,39 +101,6 @@ _LOCAL_SHUFFLE_BATCHES = 4
 
 class TrainConfigError(ValueError):
     """A training configuration that cannot work with its dataset (the message says why)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class FaultInjection:
-    """Make one rank exit abruptly at a given step: for testing recovery only.
-
-    It fires once per run (a marker file next to the checkpoints records it), so the attempt
-    that restarts goes through.
-    """
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {
-        "extra": "forbid"
-    }  # unknown JSON fields are errors
-
-    rank: int
-    """The rank that exits."""
-    epoch: int
-    """The epoch (0-based) in which it exits."""
-    step: int
-    """The batch (0-based, within the epoch) before which it exits."""
-
-    def __post_init__(self) -> None:
-        if min(self.rank, self.epoch, self.step) < 0:
-            raise ValueError(f"fault injection needs rank, epoch and step >= 0: {self}")
-
-    @classmethod
-    def parse(cls, text: str) -> FaultInjection:
-        """From ``"RANK:EPOCH:STEP"``, e.g. ``"1:1:2"``."""
-        try:
-            rank, epoch, step = (int(part) for part in text.split(":"))
-        except ValueError:
-            raise ValueError(f"expected RANK:EPOCH:STEP (three integers), got {text!r}") from None
-        return cls(rank=rank, epoch=epoch, step=step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,8 +194,6 @@ class TrainConfig:
     """Replace a committed run with the same id (its checkpoints and artifact too)."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """Reading and decoding options (limits, storage); masks are always required."""
-    fail_at: FaultInjection | None = None
-    """Testing only: make a rank exit mid-epoch."""
 
     def __post_init__(self) -> None:
         if self.model not in HEADS:
@@ -321,13 +289,18 @@ class _Plan:
     checkpoint_root: str
     class_weight: tuple[float, ...] | None
     storage: StorageOptions
+    faults: Faults | None = None
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def train(
-    config: TrainConfig, *, echo: Callable[[str], None] = print, num_cpus: int | None = None
+    config: TrainConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    num_cpus: int | None = None,
+    faults: Faults | None = None,
 ) -> TrainResult:
     """Run a training job to its committed model artifact and tables.
 
@@ -335,6 +308,7 @@ def train(
         config: The job.
         echo: Where progress lines go.
         num_cpus: CPUs of the embedded Ray, if this call starts one (see ``ensure_ray``).
+        faults: Testing only: where a rank fails or stalls (``pipeline.faults``).
 
     Raises:
         TrainConfigError: The configuration does not fit the dataset (before workers start).
@@ -409,6 +383,7 @@ def train(
         checkpoint_root=ckpt_loc.uri,
         class_weight=class_weight,
         storage=options,
+        faults=faults,
     )
     datasets: dict[str, Any] = {"train": shuffle_each_epoch(train_good, config.shuffle)}
     if plan.has_val and val_good is not None:
@@ -498,7 +473,7 @@ def train(
         scores=scores,
         epoch=int(best_state["epoch"]),
         history=history,
-        resumed=bool(latest_state.get("resumed")),
+        resumed=was_resumed(ckpt_loc.uri, options),
         seconds=seconds,
     )
 
@@ -627,7 +602,6 @@ def _model_options(config: TrainConfig) -> dict[str, Any]:
 def _config_record(config: TrainConfig) -> dict[str, Any]:
     """The config as the model card keeps it (storage options are dropped by the card)."""
     record = {name: getattr(config, name) for name in config.__dataclass_fields__}
-    record.pop("fail_at")
     record.pop("overwrite")
     return record
 
@@ -706,20 +680,11 @@ def train_loop_per_worker(plan: _Plan) -> None:
         warmup_steps=config.warmup_steps,
         schedule=config.schedule,
     )
-    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
+    start_epoch, history = 0, list[dict[str, Any]]()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / _STATE_FILE, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, history = state["epoch"] + 1, list(state["history"])
-            rng_file = Path(directory) / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                _set_rng(torch.load(rng_file, weights_only=True))
-        if rank == 0:
-            print(f"run {plan.run_id}: resumed after epoch {start_epoch}", flush=True)
+            start_epoch, history = restore(Path(directory), plan, rank, model, optimizer, scheduler)
     else:
         # Different augmentation per rank, reproducible per seed.
         _seed_all(config.seed * 1000 + rank)
@@ -740,7 +705,7 @@ def train_loop_per_worker(plan: _Plan) -> None:
     to_input = eval_transform(normalization=config.normalization)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if plan.has_val else None
-    fault = config.fail_at
+    faults = plan.faults
 
     for epoch in range(start_epoch, config.epochs):
         ddp_model.train()
@@ -761,8 +726,8 @@ def train_loop_per_worker(plan: _Plan) -> None:
             device=device,
         )
         for index, (batch, last) in enumerate(_with_last(batches_iter)):
-            if fault is not None and (fault.rank, fault.epoch, fault.step) == (rank, epoch, index):
-                _inject_fault(plan, rank, epoch, index)
+            if faults is not None:
+                faults.train_fault(plan.checkpoint_root, rank, epoch, index)
             step_now = last or (index + 1) % config.grad_accum == 0
             # Accumulating: skip DDP's gradient all-reduce on all but the micro-batch that
             # steps. Every rank sees the same number of batches (Ray splits the train set
@@ -838,7 +803,6 @@ def train_loop_per_worker(plan: _Plan) -> None:
                         "epoch": epoch,
                         "history": history,
                         "scores": _plain_scores(scores),
-                        "resumed": checkpoint is not None,
                     },
                     Path(tmp) / _STATE_FILE,
                 )
@@ -868,17 +832,37 @@ def _group_size(index: int, accum: int, batches: int) -> int:
     return max(1, min(accum, batches - start))
 
 
-def _inject_fault(plan: _Plan, rank: int, epoch: int, step: int) -> None:
-    """Exit this worker abruptly, once per run (a marker next to the checkpoints says so)."""
-    marker = storage.join(plan.checkpoint_root, "fault_injected")
-    if storage.exists(marker, plan.storage):
-        return
-    storage.write_bytes(marker, b"", plan.storage)
-    print(f"fault injection: rank {rank} exits at epoch {epoch} step {step}", flush=True)
-    # Mid-epoch, not right after a report: Ray Train's controller polls the workers every
-    # 2 s, and a death within the same poll as the last report can lose that checkpoint.
-    time.sleep(5)
-    os._exit(1)
+def restore(
+    directory: Path,
+    plan: _Plan,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a checkpoint into this rank's model, optimizer, scheduler and RNG.
+
+    Returns the epoch to start at and the history so far. Rank 0 also marks the run as
+    resumed (:func:`was_resumed`), even when every epoch is already done and no further
+    checkpoint will be written.
+    """
+    state = torch.load(directory / _STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        _set_rng(torch.load(rng_file, weights_only=True))
+    start_epoch = int(state["epoch"]) + 1
+    if rank == 0:
+        storage.write_bytes(storage.join(plan.checkpoint_root, _RESUMED_MARKER), b"", plan.storage)
+        print(f"run {plan.run_id}: resumed after epoch {start_epoch}", flush=True)
+    return start_epoch, list(state["history"])
+
+
+def was_resumed(checkpoint_root: str, options: StorageOptions | None = None) -> bool:
+    """Whether any attempt of the run under ``checkpoint_root`` restored a checkpoint."""
+    return storage.exists(storage.join(checkpoint_root, _RESUMED_MARKER), options)
 
 
 def _initial_model(plan: _Plan) -> FCN:

@@ -35,6 +35,7 @@ from pipeline.datasets import (
     samples_from_batch,
     write_synthetic,
 )
+from pipeline.faults import Faults
 from pipeline.infer import SegmentConfig, segment
 from pipeline.storage import join, list_files, read_bytes, write_bytes
 from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
@@ -240,12 +241,17 @@ def test_bench_segment_reports_speed_stages_and_memory(ray_local: None) -> None:
     assert "b/a" in format_bench_segment(result)
 
 
-def test_s3_restart_mid_run_is_retried(s3_env: SeaweedS3, bucket: str, ray_local: None) -> None:
+def test_s3_restart_mid_run_is_retried(
+    s3_env: SeaweedS3, bucket: str, ray_local: None, tmp_path: Path
+) -> None:
     root = f"s3://{bucket}"
     data, _ = _dataset(root, num_images=40)
     model_uri = _model(root)
     out = join(root, "out")
     outcome: dict[str, object] = {}
+    # The actor stalls before its second batch until released (markers on local disk, which
+    # the restart does not touch): the server is down while the run still has work to do.
+    faults = Faults(root=str(tmp_path / "faults"), actor_stall_after=1)
 
     def run() -> None:
         try:
@@ -258,20 +264,22 @@ def test_s3_restart_mid_run_is_retried(s3_env: SeaweedS3, bucket: str, ray_local
                     batch_size=2,
                     rows_per_file=2,
                     cpus_per_actor=0.5,
-                )
+                ),
+                faults=faults,
             )
         except BaseException as exc:  # reported below, with its message
             outcome["error"] = exc
 
     worker = threading.Thread(target=run)
     worker.start()
-    partition = join(out, "predictions", "run_id=hiccup")
     deadline = time.monotonic() + 300
-    while not list_files(partition) and worker.is_alive():
-        assert time.monotonic() < deadline, "no predictions file in time"
+    while not faults.stalled():
+        assert worker.is_alive(), f"the run ended before the actor stalled: {outcome}"
+        assert time.monotonic() < deadline, "the actor did not stall in time"
         time.sleep(0.2)
-    assert worker.is_alive(), f"the run ended before the restart: {outcome}"
-    s3_env.restart()  # objects survive; every request meanwhile fails to connect
+    s3_env.stop()  # objects survive; every request meanwhile fails to connect
+    faults.release()  # the run goes on while the server is down
+    s3_env.start()
     worker.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
     predictions = read_table(out, "predictions")["image_id"].to_pylist()

@@ -41,6 +41,7 @@ from infra.local.ray_cluster import LocalRayCluster
 from infra.local.seaweedfs import SeaweedS3
 from pipeline.artifacts import ModelCard, load_artifact, save_model
 from pipeline.datasets import write_synthetic
+from pipeline.faults import Faults
 from pipeline.storage import exists, join, list_files, write_bytes
 from pipeline.tables import committed_runs, read_table
 
@@ -227,12 +228,16 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     write_bytes(join(inbox, "JPEGImages/shapes_000007.jpg"), b"not an image")
 
     # Training: 2 workers spread over two nodes; one of them dies after the first checkpoint.
+    # Rank 0 stalls at the start of epoch 1 once epoch 0's checkpoint is registered (the
+    # hidden fault hook), so the node dies mid-training however fast the epochs run.
+    train_faults = Faults(root=join(out, "_faults", "multinode"))
     thread, outcome, lines = _submit(cluster, monkeypatch, "fcnpipe-train-multinode", [
         "train", data, "--output", out, "--run-id", "multinode", "--epochs", "3",
         "--model", "fcn16s", "--init-from", coarse,
         "--crop-size", "64", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3",
         "--num-workers", "2", "--cpus-per-worker", "1", "--threads-per-worker", "1",
         "--placement-strategy", "SPREAD", "--shuffle", "blocks", "--max-failures", "2",
+        "--fail-at", "0:1:0:stall",
     ])  # fmt: skip
     _wait_for(
         "two training workers",
@@ -242,19 +247,9 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     first = cluster.placement(TRAIN_WORKER)
     print(f"training workers on: {first}")
     assert len(set(first)) == 2, f"SPREAD puts the two workers on two nodes: {first}"
-    _wait_for(
-        "first checkpoint",
-        lambda: exists(join(out, "checkpoints/multinode/epoch_0000/state.pt")),
-        thread, lines, 240,
-    )  # fmt: skip
-    # Rank 0 prints the epoch's line once every rank's upload is done (report's barrier);
-    # Ray Train registers the checkpoint just after. The line travels through Ray's
-    # best-effort log forwarding, so it is waited for, not required.
-    deadline = time.monotonic() + 30
-    while not any("epoch 1/3" in line for line in lines) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)
+    _wait_for("a stalled rank at epoch 1", lambda: bool(train_faults.stalled()), thread, lines, 240)
     cluster.kill(first[0])
+    train_faults.release()  # a stalled rank on the node left goes on (and fails to sync)
     print(f"killed worker node {first[0]}")
     job = _finished(cluster, thread, outcome, lines)
     log = "\n".join(lines)
@@ -277,35 +272,33 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
         coarse,
     )
 
-    # Segmentation with two actors on the two nodes left; once an actor runs and rows are
-    # written, its node dies. The network sees each image at 512 px (``--resize``; the maps
-    # stay 64 px), about 0.4 s an image on one thread, and takes one image per call: the
-    # actors are still busy when the node dies. (At 64 px they finish the 47 images in about
-    # a second, and the node then dies after the actors have left.)
+    # Segmentation with two actors on the two nodes left; once an actor has segmented two
+    # images, its node dies.
     partition = join(out, "predictions/run_id=inbox")
 
     def written() -> int:
         return len(list_files(partition)) if exists(partition) else 0
 
+    segment_faults = Faults(root=join(out, "_faults", "inbox"))
     thread, outcome, lines = _submit(cluster, monkeypatch, "fcnpipe-segment-multinode", [
         "segment", inbox, "--model", model_uri, "--output", out, "--run-id", "inbox",
         "--actors", "2", "--cpus-per-actor", "1", "--threads-per-actor", "1",
-        "--batch-size", "1", "--rows-per-file", "1", "--resize", "512",
+        "--batch-size", "1", "--rows-per-file", "1", "--stall-actors-after", "2",
     ])  # fmt: skip
-    # Both actors up, or (should the second be slow to start) one up and a tenth of the rows
-    # written. The victim is the node of an actor seen alive in that same look.
-    actors: list[str] = []
+    # Each actor stalls before its third image (the hidden fault hook) until released: the
+    # node of the first one stalled dies with that image in flight, however fast the model.
+    stalled: dict[str, Any] = {}
 
-    def running() -> bool:
-        if not written():
-            return False
-        actors[:] = cluster.placement(INFER_ACTOR)
-        return len(actors) == 2 or (len(actors) == 1 and written() >= 5)
+    def an_actor_stalled() -> bool:
+        stalled.update(segment_faults.stalled())
+        return bool(stalled)
 
-    _wait_for("inference actors and predictions files", running, thread, lines, 240)
+    _wait_for("a stalled inference actor", an_actor_stalled, thread, lines, 240)
+    actors = cluster.placement(INFER_ACTOR)
     assert len(set(actors)) == len(actors), f"the pool spreads over the nodes: {actors}"
-    victim = actors[0]
+    victim = cluster.node_names()[str(next(iter(stalled.values()))["node_id"])]
     cluster.kill(victim)
+    segment_faults.release()
     done = written()
     print(f"inference actors on {actors}; killed {victim} after {done} predictions files")
     assert done < GOOD_IMAGES, "the node died mid-run"

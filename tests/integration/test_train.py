@@ -37,7 +37,8 @@ from pipeline.datasets import (
     samples_from_batch,
     write_synthetic,
 )
-from pipeline.storage import exists, join, write_bytes
+from pipeline.faults import Faults, registered_epoch
+from pipeline.storage import StorageOptions, exists, join, write_bytes
 from pipeline.tables import committed_runs, read_table
 from pipeline.train import TrainConfig, train
 from tests.cli import FCNPIPE
@@ -195,24 +196,25 @@ def test_driver_killed_then_rerun_resumes_without_duplicates(
     log = (tmp_path / "first.log").open("w")
     # Its own session: killing the group kills the driver and the Ray it started, as a
     # machine crash would.
-    # The first run's worker stalls at the start of epoch 1 (the hidden fault hook: 5 s,
-    # then exit), so the kill lands after epoch 0's checkpoint and before any of epoch 1's,
-    # however fast the epochs run; the torn epoch_0001 below cannot be a real checkpoint.
+    # The first run's worker stalls at the start of epoch 1 (the hidden fault hook), once
+    # Ray Train has registered epoch 0's checkpoint, and says so with a marker: the kill lands
+    # between epoch 0's checkpoint and epoch 1's however fast the epochs run, so the torn
+    # epoch_0001 below cannot be a real checkpoint.
     first = subprocess.Popen(
-        [*args, "--fail-at", "0:1:0"],
+        [*args, "--fail-at", "0:1:0:stall"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
-    first_epoch = join(out, "checkpoints", "crashy", "epoch_0000", "state.pt")
+    faults = Faults(root=join(out, "_faults", "crashy"))
     deadline = time.monotonic() + 400
     try:
-        while not exists(first_epoch):
+        while not faults.stalled():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no first checkpoint in time"
-            time.sleep(1)
-        time.sleep(2)  # let Ray Train register it (its state file follows the upload)
+            assert time.monotonic() < deadline, "the worker did not stall at epoch 1 in time"
+            time.sleep(0.5)
+        assert registered_epoch(join(out, "checkpoints", "crashy"), StorageOptions()) == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
