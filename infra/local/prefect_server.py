@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from infra.local._net import HOST, free_port
+from infra.local._process import signal_group
 
 __all__ = ["PrefectServer"]
 
@@ -92,30 +93,33 @@ class PrefectServer:
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"prefect server exited at start:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"prefect server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"prefect server exited at start:\n{self.log_tail()}")
+                try:
+                    with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            raise RuntimeError(
+                f"prefect server not ready after {timeout_s:.0f} s:\n{self.log_tail()}"
+            )
+        except BaseException:  # Ctrl-C too: the server leads a session Ctrl-C does not reach
+            self.stop()
+            raise
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the server (its whole process group)."""
         process, self._process = self._process, None
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout_s)
-        with contextlib.suppress(ProcessLookupError):  # anything of the group still left
-            os.killpg(process.pid, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)  # anything of the group still left
         process.wait()
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 
 from infra.local._net import HOST, free_port
+from infra.local._process import signal_group
 
 __all__ = ["LocalRayCluster"]
 
@@ -161,18 +162,23 @@ class LocalRayCluster:
             f"{self.dashboard_url}/api/version",
             headers={"Authorization": f"Bearer {self.token}"},
         )
-        while time.monotonic() < deadline:
-            if head.poll() is not None:
-                raise RuntimeError(f"ray head exited at start:\n{self.log_tail('head')}")
-            try:
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"ray head not ready after {timeout_s:.0f} s:\n{self.log_tail('head')}")
+        try:
+            while time.monotonic() < deadline:
+                if head.poll() is not None:
+                    raise RuntimeError(f"ray head exited at start:\n{self.log_tail('head')}")
+                try:
+                    with urllib.request.urlopen(request, timeout=2) as response:
+                        if response.status == 200:
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            raise RuntimeError(
+                f"ray head not ready after {timeout_s:.0f} s:\n{self.log_tail('head')}"
+            )
+        except BaseException:  # Ctrl-C too: the head leads a session Ctrl-C does not reach
+            self.stop()
+            raise
 
     def add_node(self, num_cpus: int = 1, resources: str | None = None) -> subprocess.Popen[bytes]:
         """Start a worker node that joins the head (returns without waiting for it).
@@ -196,12 +202,10 @@ class LocalRayCluster:
         whatever of the group is left (raylet, GCS, workers), even if the leader exited."""
         nodes, self._nodes = self._nodes, []
         for node in reversed(nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGTERM)
+            signal_group(node, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait(timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGKILL)
+            signal_group(node, signal.SIGKILL)
             node.wait()
 
     def log_tail(self, name: str = "head", chars: int = 4000) -> str:

@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import Any
 
 from infra.local._net import HOST, free_ports
+from infra.local._process import signal_group
 
 _LOG_TAIL_CHARS = 4000
 
@@ -296,7 +297,8 @@ class SeaweedS3:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop weed: SIGTERM to its process group, wait, then SIGKILL if it lingers.
+        """Stop weed: SIGTERM to its process group, wait, then SIGKILL to whatever of the
+        group is left.
 
         Args:
             timeout_s: How long to wait after SIGTERM before SIGKILL.
@@ -305,15 +307,11 @@ class SeaweedS3:
         self._client = None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        signal_group(proc, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
         if self._ports is not None:
             # weed leaves some of its unix sockets (named after our ports) in the temp dir.
             for port in self._ports.all():
