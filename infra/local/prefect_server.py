@@ -26,18 +26,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from infra.local._net import HOST, free_port
-from infra.local._process import signal_group
+from infra.local._process import LocalService, http_ok, launch, read_tail, stop_group
 
 __all__ = ["PrefectServer"]
 
 
-class PrefectServer:
+class PrefectServer(LocalService):
     """One ``prefect server start`` process with its own home and SQLite database."""
 
     def __init__(self, home: Path, *, port: int | None = None, ui: bool = False) -> None:
@@ -77,7 +74,6 @@ class PrefectServer:
         Raises:
             RuntimeError: It exited or did not answer in time (the message has its log).
         """
-        self.home.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
             "PREFECT_HOME": str(self.home),
@@ -88,58 +84,27 @@ class PrefectServer:
         env.pop("PREFECT_API_URL", None)
         prefect = Path(sys.executable).parent / "prefect"
         command = [str(prefect), "server", "start", "--host", HOST, "--port", str(self.port)]
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    raise RuntimeError(f"prefect server exited at start:\n{self.log_tail()}")
-                try:
-                    with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.5)
-            raise RuntimeError(
+        self._process = launch(command, self.log_path, env=env)
+        self._wait_ready(
+            self._process,
+            lambda: http_ok(f"{self.api_url}/health"),
+            timeout_s=timeout_s,
+            poll_s=0.5,
+            exited=lambda code: f"prefect server exited at start:\n{self.log_tail()}",
+            timed_out=lambda error: (
                 f"prefect server not ready after {timeout_s:.0f} s:\n{self.log_tail()}"
-            )
-        except BaseException:  # Ctrl-C too: the server leads a session Ctrl-C does not reach
-            self.stop()
-            raise
+            ),
+        )
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the server (its whole process group)."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        signal_group(process, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout_s)
-        signal_group(process, signal.SIGKILL)  # anything of the group still left
-        process.wait()
+        if process is not None:
+            stop_group(process, timeout_s)
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the server's log."""
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> PrefectServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return read_tail(self.log_path, chars)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,18 +37,16 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from infra.local._net import HOST, free_port
-from infra.local._process import signal_group
+from infra.local._process import LocalService, http_ok, launch, read_tail, stop_group
 
 __all__ = ["LocalRayCluster"]
 
 
-class LocalRayCluster:
+class LocalRayCluster(LocalService):
     """A Ray head (and optional worker nodes) started with ``ray start`` on 127.0.0.1."""
 
     def __init__(
@@ -122,18 +120,13 @@ class LocalRayCluster:
         return [f"{flag}={free_port()}" for flag in flags]
 
     def _launch(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.temp_dir / f"{name}.log").open("wb")
         if self.object_store_memory is not None:
             args = [*args, f"--object-store-memory={self.object_store_memory}"]
-        process = subprocess.Popen(
+        process = launch(
             [self._ray(), "start", "--block", "--disable-usage-stats", *self._node_ports(), *args],
+            self.temp_dir / f"{name}.log",
             env=self._node_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
-        log.close()
         self._nodes.append(process)
         return process
 
@@ -157,28 +150,20 @@ class LocalRayCluster:
             ],
             "head",
         )
-        deadline = time.monotonic() + timeout_s
         request = urllib.request.Request(
             f"{self.dashboard_url}/api/version",
             headers={"Authorization": f"Bearer {self.token}"},
         )
-        try:
-            while time.monotonic() < deadline:
-                if head.poll() is not None:
-                    raise RuntimeError(f"ray head exited at start:\n{self.log_tail('head')}")
-                try:
-                    with urllib.request.urlopen(request, timeout=2) as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.5)
-            raise RuntimeError(
+        self._wait_ready(
+            head,
+            lambda: http_ok(request),
+            timeout_s=timeout_s,
+            poll_s=0.5,
+            exited=lambda code: f"ray head exited at start:\n{self.log_tail('head')}",
+            timed_out=lambda error: (
                 f"ray head not ready after {timeout_s:.0f} s:\n{self.log_tail('head')}"
-            )
-        except BaseException:  # Ctrl-C too: the head leads a session Ctrl-C does not reach
-            self.stop()
-            raise
+            ),
+        )
 
     def add_node(self, num_cpus: int = 1, resources: str | None = None) -> subprocess.Popen[bytes]:
         """Start a worker node that joins the head (returns without waiting for it).
@@ -202,30 +187,11 @@ class LocalRayCluster:
         whatever of the group is left (raylet, GCS, workers), even if the leader exited."""
         nodes, self._nodes = self._nodes, []
         for node in reversed(nodes):
-            signal_group(node, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout_s)
-            signal_group(node, signal.SIGKILL)
-            node.wait()
+            stop_group(node, timeout_s)
 
     def log_tail(self, name: str = "head", chars: int = 4000) -> str:
         """The end of a node's ``ray start`` output."""
-        try:
-            return (self.temp_dir / f"{name}.log").read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> LocalRayCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return read_tail(self.temp_dir / f"{name}.log", chars)
 
 
 def main(argv: list[str] | None = None) -> int:

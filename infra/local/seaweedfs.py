@@ -43,17 +43,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from infra.local._net import HOST, free_ports
-from infra.local._process import signal_group
-
-_LOG_TAIL_CHARS = 4000
-
-
-class _WeedExited(RuntimeError):
-    """weed exited before S3 was ready."""
+from infra.local._process import (
+    LOG_TAIL_CHARS,
+    ExitedAtStart,
+    LocalService,
+    launch,
+    read_tail,
+    stop_group,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +126,7 @@ def find_weed() -> Path:
     )
 
 
-class SeaweedS3:
+class SeaweedS3(LocalService):
     """A SeaweedFS S3 server (``weed mini``) on 127.0.0.1, started and stopped by this object.
 
     Args:
@@ -216,7 +216,6 @@ class SeaweedS3:
         """
         if self.is_running():
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         first_start = self._ports is None
         for attempt in (1, 2):
             if self._ports is None:
@@ -224,7 +223,7 @@ class SeaweedS3:
             try:
                 self._launch(self._ports)
                 return
-            except _WeedExited:
+            except ExitedAtStart:
                 # Another process may have taken a port between picking and binding: on the
                 # first start, try once more with fresh ports (restarts keep theirs).
                 if not first_start or attempt == 2:
@@ -253,48 +252,28 @@ class SeaweedS3:
         env["AWS_ACCESS_KEY_ID"] = self.access_key
         env["AWS_SECRET_ACCESS_KEY"] = self._secret_key
         env.pop("AWS_SESSION_TOKEN", None)
-        with self.log_path.open("ab") as log:
-            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting weed mini\n".encode())
-            log.flush()
-            # A new session: stop() signals the whole process group, and Ctrl-C in a
-            # terminal running the tests does not reach weed before the fixture stops it.
-            self._proc = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=self.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._proc = launch(
+            cmd, self.log_path, env=env, cwd=self.data_dir, log_header="starting weed mini"
+        )
+        self._wait_ready(
+            self._proc,
+            self._answers,
+            timeout_s=self.start_timeout_s,
+            poll_s=0.2,
+            exited=lambda code: (
+                f"weed mini exited with code {code} before S3 was ready on {self.endpoint}; "
+                f"log {self.log_path}:\n{self.log_tail()}"
+            ),
+            timed_out=lambda error: (
+                f"S3 on {self.endpoint} did not answer within {self.start_timeout_s:.0f} s "
+                f"(last error: {self._redact(error)}); log {self.log_path}:\n{self.log_tail()}"
+            ),
+        )
 
-    def _wait_ready(self) -> None:
-        """Poll with a signed ListBuckets until it succeeds, weed exits or time runs out."""
-        deadline = time.monotonic() + self.start_timeout_s
-        last_error = "no answer yet"
-        while True:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise _WeedExited(
-                    f"weed mini exited with code {self._proc.returncode} before S3 was ready "
-                    f"on {self.endpoint}; log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                self._s3_client(probe=True).list_buckets()
-                return
-            except Exception as exc:  # any failure here means "not ready yet"
-                last_error = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"S3 on {self.endpoint} did not answer within {self.start_timeout_s:.0f} s "
-                    f"(last error: {self._redact(last_error)}); log {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(0.2)
+    def _answers(self) -> bool:
+        """Whether S3 answers a signed ListBuckets (the readiness probe; an error raises)."""
+        self._s3_client(probe=True).list_buckets()
+        return True
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop weed: SIGTERM to its process group, wait, then SIGKILL to whatever of the
@@ -307,11 +286,7 @@ class SeaweedS3:
         self._client = None
         if proc is None:
             return
-        signal_group(proc, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout_s)
-        signal_group(proc, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc, timeout_s)
         if self._ports is not None:
             # weed leaves some of its unix sockets (named after our ports) in the temp dir.
             for port in self._ports.all():
@@ -362,32 +337,19 @@ class SeaweedS3:
             self._client = client
         return client
 
-    def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         """The end of weed's log, with the secret key redacted should it ever appear.
 
         Args:
             chars: How many characters at most.
         """
         try:
-            data = self.log_path.read_bytes()[-chars:]
+            return self._redact(read_tail(self.log_path, chars))
         except OSError as exc:
             return f"(no log: {exc})"
-        return self._redact(data.decode("utf-8", errors="replace"))
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret_key, "***")
-
-    def __enter__(self) -> SeaweedS3:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
