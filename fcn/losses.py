@@ -9,11 +9,14 @@ all ignored gives a loss of 0 and a zero gradient, not NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SegmentationLoss", "segmentation_loss"]
+__all__ = ["SegmentationLoss", "median_frequency_weights", "segmentation_loss"]
 
 
 def segmentation_loss(
@@ -94,3 +97,18 @@ class SegmentationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, normalize={self.normalize}"
+
+
+def median_frequency_weights(pixel_counts: Sequence[int] | np.ndarray) -> tuple[float, ...]:
+    """Median-frequency class weights (Eigen & Fergus): median frequency / class frequency.
+
+    A frequent class weighs less than 1, a rare one more; a class never seen gets 1 (it has
+    no pixels to weigh).
+
+    Args:
+        pixel_counts: Labelled pixels per class over the training masks (ignore excluded).
+    """
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    freq = counts / max(1.0, float(counts.sum()))
+    median = float(np.median(freq[freq > 0])) if (freq > 0).any() else 1.0
+    return tuple(float(median / f) if f > 0 else 1.0 for f in freq)

@@ -21,11 +21,22 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "PAPER_METRICS",
     "ConfusionMatrix",
     "confusion_matrix",
+    "nan_to_none",
     "per_class_counts",
     "scores",
+    "scores_from_counts",
 ]
+
+PAPER_METRICS: dict[str, str] = {
+    "pixel_acc": "pixel acc",
+    "mean_acc": "mean acc",
+    "mean_iou": "mean IoU",
+    "fw_iou": "f.w. IoU",
+}
+"""The paper's four metrics (its Table 3 onwards): keys of :func:`scores`, and column titles."""
 
 
 def _check_shapes_and_dtypes(pred: Any, target: Any) -> None:
@@ -163,25 +174,41 @@ def _nanmean(x: np.ndarray) -> float:
 def scores(confusion: np.ndarray | torch.Tensor) -> dict[str, Any]:
     """The FCN paper's metrics (section 5) from a confusion matrix.
 
+    Args:
+        confusion: (n, n) matrix, rows = ground truth, columns = prediction.
+
+    Returns:
+        See :func:`scores_from_counts`.
+    """
+    c = per_class_counts(confusion)
+    return scores_from_counts(c["gt_pixels"], c["intersection"], c["union"])
+
+
+def scores_from_counts(
+    gt_pixels: np.ndarray, intersection: np.ndarray, union: np.ndarray
+) -> dict[str, Any]:
+    """The FCN paper's metrics (section 5) from per-class counts (all four need only these).
+
     With t_i = sum_j n_ij the ground-truth pixels of class i:
     pixel acc = sum_i n_ii / sum_i t_i; mean acc = nanmean_i n_ii / t_i;
     IoU_i = n_ii / (t_i + sum_j n_ji - n_ii); mean IoU = nanmean_i IoU_i;
     f.w. IoU = sum_{i: t_i > 0} (t_i / sum_k t_k) IoU_i. A class absent from both
     ground truth and prediction has IoU NaN and is left out of the mean; a class
-    only predicted (t_i = 0) has IoU 0 and counts. An all-zero matrix (an image
-    that is all ignore) gives NaN for every metric, without warnings.
+    only predicted (t_i = 0) has IoU 0 and counts. All-zero counts (an image that is
+    all ignore) give NaN for every metric, without warnings.
 
     Args:
-        confusion: (n, n) matrix, rows = ground truth, columns = prediction.
+        gt_pixels: t_i per class (:func:`per_class_counts`; sums over images are fine).
+        intersection: n_ii per class.
+        union: t_i + sum_j n_ji - n_ii per class.
 
     Returns:
         ``pixel_acc``, ``mean_acc``, ``mean_iou``, ``fw_iou`` as floats and ``iou``,
         the per-class float64 array (NaN for absent classes).
     """
-    c = per_class_counts(confusion)
-    gt = c["gt_pixels"].astype(np.float64)
-    inter = c["intersection"].astype(np.float64)
-    union = c["union"].astype(np.float64)
+    gt = np.asarray(gt_pixels, dtype=np.float64)
+    inter = np.asarray(intersection, dtype=np.float64)
+    union = np.asarray(union, dtype=np.float64)
     total = gt.sum()
     # 0/0 -> NaN is the intended result for empty classes and empty matrices.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -197,6 +224,30 @@ def scores(confusion: np.ndarray | torch.Tensor) -> dict[str, Any]:
         "fw_iou": fw_iou,
         "iou": iou,
     }
+
+
+def nan_to_none(value: Any) -> Any:
+    """Metric values with NaN ("undefined") as None and arrays as lists: JSON and Arrow ready.
+
+    Floats, numpy scalars and arrays, tensors, lists and dicts (recursively); anything else
+    is returned as it is.
+
+    Args:
+        value: A metric value, or a dict of them (e.g. :func:`scores`).
+    """
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [nan_to_none(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 class ConfusionMatrix:

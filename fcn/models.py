@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.resnet import ResNet
 
+from fcn.names import BACKBONES, HEADS
 from fcn.surgery import (
     LoadReport,
     bilinear_kernel,
@@ -203,7 +204,6 @@ _LIGHT_BACKBONES: dict[str, Callable[[], _Backbone]] = {
     "resnet50": _resnet50,
     "mobilenet_v3_large": _MobileNetV3Backbone,
 }
-BACKBONES: tuple[str, ...] = ("vgg16", *_LIGHT_BACKBONES)
 
 
 def _crop(x: Tensor, offset: int, size: Sequence[int]) -> Tensor:
@@ -414,7 +414,7 @@ def fcn8s(
 
 
 MODELS: dict[str, Callable[..., FCN]] = {"fcn32s": fcn32s, "fcn16s": fcn16s, "fcn8s": fcn8s}
-HEADS: tuple[str, ...] = tuple(MODELS)
+assert tuple(MODELS) == HEADS and set(BACKBONES) == {"vgg16", *_LIGHT_BACKBONES}
 
 
 def build_model(name: str, num_classes: int, **options: Any) -> FCN:

@@ -17,10 +17,11 @@ Usage::
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from fcn.names import OPTIMIZERS, SCHEDULES, OptimizerName, Schedule
 
 __all__ = [
     "OPTIMIZERS",
@@ -32,12 +33,6 @@ __all__ = [
     "lr_factor",
     "param_groups",
 ]
-
-OptimizerName = Literal["sgd", "adamw"]
-OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
-
-Schedule = Literal["poly", "cosine", "constant"]
-SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

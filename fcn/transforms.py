@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from fcn import IGNORE_INDEX
+from fcn.names import Normalization
 
 __all__ = [
     "IGNORE_INDEX",
@@ -54,9 +55,6 @@ __all__ = [
     "train_transform",
 ]
 
-
-Normalization = Literal["imagenet", "caffe_bgr"]
-"""Names of the supported input normalizations."""
 
 ImageInput = np.ndarray | Image.Image | torch.Tensor
 """numpy uint8 (H, W, 3) RGB (or (H, W) grey), a PIL image, or a uint8 tensor (3, H, W)."""

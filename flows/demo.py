@@ -23,9 +23,11 @@ from rich.markup import escape
 
 from fcn import synthetic
 from flows.pipelines import TrainAndSegmentResult, train_and_segment_flow
-from pipeline.datasets import write_synthetic
-from pipeline.summary import print_class_iou, print_paper_table
-from pipeline.train import TrainConfig
+from pipeline.config import make
+from pipeline.data.synthetic import write_synthetic
+from pipeline.errors import ConfigError
+from pipeline.results.output import print_class_iou, print_paper_table
+from pipeline.train.config import TrainConfig
 
 __all__ = ["TARGET_MEAN_IOU", "DemoConfig", "example_queries", "run_demo"]
 
@@ -49,8 +51,8 @@ class DemoConfig:
     """Side of the training crops (None: the image size). Smaller than the images: each
     step costs about half as much, and thin strokes keep their width (no rescaling)."""
     scale_range: tuple[float, float] = (1.0, 1.0)
-    """Random rescale range of the training crops. None by default: in this short budget
-    the net underfits, and rescaling the 1-3 px strokes only makes them harder."""
+    """Random rescale range of the training crops; none (1, 1) by default: in this short budget
+    the net underfits, and rescaling the 2-6 px strokes only makes them harder."""
     model: str = "fcn8s"
     """FCN head."""
     backbone: str = "resnet18"
@@ -72,18 +74,19 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.num_images < 8:
-            raise ValueError(f"num_images must be >= 8, got {self.num_images}")
+            raise ConfigError(f"num_images must be >= 8, got {self.num_images}")
         if self.size < 32:
-            raise ValueError(f"size must be >= 32 pixels, got {self.size}")
+            raise ConfigError(f"size must be >= 32 pixels, got {self.size}")
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("epochs, batch_size and num_workers must be >= 1")
+            raise ConfigError("epochs, batch_size and num_workers must be >= 1")
 
     def train_config(self, dataset_uri: str, output_uri: str) -> TrainConfig:
         """The training job of the flow."""
-        return TrainConfig(
+        return make(
+            TrainConfig,
             dataset_uri=dataset_uri,
             output_uri=output_uri,
-            model=self.model,
+            head=self.model,
             backbone=self.backbone,
             crop_size=min(self.crop_size or self.size, self.size),
             scale_range=self.scale_range,
@@ -92,7 +95,7 @@ class DemoConfig:
             optimizer="adamw",
             lr=self.lr,
             weight_decay=1e-4,
-            class_weighting=self.class_weighting,  # type: ignore[arg-type]
+            class_weighting=self.class_weighting,
             schedule="poly",
             seed=self.seed,
             num_workers=self.num_workers,

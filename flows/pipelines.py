@@ -19,23 +19,24 @@ instead of starting another.
 # annotations of the flows, and a deployment loads this file under another module name,
 # where string annotations would not resolve.
 import dataclasses
-import math
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from fcn.metrics import PAPER_METRICS
 from flows.ray_jobs import JobStopped
-from pipeline.infer import SegmentConfig
-from pipeline.report import Results, RunSummary
+from pipeline.errors import ConfigError, InputError
+from pipeline.results.output import format_score
+from pipeline.results.reader import Results, RunSummary
+from pipeline.segment.config import SegmentConfig, SegmentData, SegmentScaling
 from pipeline.storage import StorageOptions
-from pipeline.summary import PAPER_METRICS
-from pipeline.train import TrainConfig
+from pipeline.tables import RunKind
+from pipeline.train.config import TrainConfig
 
 __all__ = [
     "TrainAndSegmentResult",
@@ -45,17 +46,9 @@ __all__ = [
     "train_flow",
 ]
 
-RunKind = Literal["train", "segment"]
-
 # Errors a retry cannot fix: the configuration or the input is wrong, or a person stopped
-# the job on the cluster.
-_NOT_RETRIED: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileNotFoundError,
-    PermissionError,
-    LookupError,
-    JobStopped,
-)
+# the job on the cluster. Anything else (a bug, an outage) is retried.
+_NOT_RETRIED: tuple[type[BaseException], ...] = (InputError, JobStopped)
 
 
 def read_summary(output_uri: str, run_id: str, options: StorageOptions | None = None) -> RunSummary:
@@ -101,14 +94,9 @@ def _logger() -> Callable[[str], None]:
     return get_run_logger().info
 
 
-def _job_entrypoint(kind: RunKind, config: TrainConfig | SegmentConfig) -> str:
-    from pipeline.jobs import config_to_json
-
-    return f"python -m pipeline.jobs {kind} {shlex.quote(config_to_json(kind, config))}"
-
-
 def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str) -> None:
     from flows.ray_jobs import connect, run_job
+    from pipeline.jobs import entrypoint
 
     client = connect(ray_address)
     # From the run id (itself from the flow run unless given): a retried task, or a new flow
@@ -120,7 +108,7 @@ def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str
     run_job(
         client,
         base,
-        _job_entrypoint(kind, config),
+        entrypoint(kind, config),
         metadata={"fcnpipe_run_id": str(config.run_id), "fcnpipe_kind": kind},
         log=_logger(),
     )
@@ -133,7 +121,7 @@ def _already_committed(config: TrainConfig | SegmentConfig) -> bool:
     if (
         config.run_id is None
         or config.overwrite
-        or not is_committed(config.output_uri, config.run_id, config.dataset.storage)
+        or not is_committed(config.output_uri, config.run_id, config.data.read.storage)
     ):
         return False
     _logger()(f"run {config.run_id} is already committed under {config.output_uri}; not rerun")
@@ -153,14 +141,14 @@ def _run_job(
     elif ray_address:
         _submit(kind, config, ray_address)
     elif isinstance(config, TrainConfig):
-        from pipeline.train import train
+        from pipeline.train.driver import train
 
         train(config, echo=_logger(), num_cpus=num_cpus)
     else:
-        from pipeline.infer import segment
+        from pipeline.segment.driver import segment
 
         segment(config, echo=_logger(), num_cpus=num_cpus)
-    return read_summary(config.output_uri, config.run_id, config.dataset.storage)
+    return read_summary(config.output_uri, config.run_id, config.data.read.storage)
 
 
 @task(
@@ -196,12 +184,8 @@ def _artifact_key(run_id: str) -> str:
     return "fcnpipe-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower())
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
 def summary_markdown(summary: RunSummary, links: dict[str, str]) -> str:
-    """The run's metrics and links as Markdown (the flow's artifact, also the CLI's summary).
+    """The run's metrics and links as Markdown (the flow's artifact).
 
     Args:
         summary: The run.
@@ -214,7 +198,7 @@ def summary_markdown(summary: RunSummary, links: dict[str, str]) -> str:
         "",
         "| " + " | ".join(PAPER_METRICS.values()) + " |",
         "|" + "---:|" * len(PAPER_METRICS),
-        "| " + " | ".join(_number(summary.scores[k]) for k in PAPER_METRICS) + " |",
+        "| " + " | ".join(format_score(summary.scores[k]) for k in PAPER_METRICS) + " |",
         "",
     ]
     lines += [f"- {label}: `{uri}`" for label, uri in links.items()]
@@ -249,7 +233,7 @@ def publish_task(
     if summary.class_iou:
         create_table_artifact(
             [
-                {"class_id": i, "class": name, "iou": _number(iou)}
+                {"class_id": i, "class": name, "iou": format_score(iou)}
                 for i, (name, iou) in enumerate(
                     zip(summary.class_names, summary.class_iou, strict=True)
                 )
@@ -262,9 +246,10 @@ def publish_task(
 @task(name="html-report", retries=2, retry_delay_seconds=5)
 def report_task(output_uri: str, run_id: str, path: str, options: StorageOptions) -> str:
     """Write the run's self-contained HTML report; returns where it went."""
-    from pipeline.report import write_html_report
+    from pipeline.results.html import write_html_report
 
-    return write_html_report(output_uri, run_id, path, options=options)
+    with Results(output_uri, options) as results:
+        return write_html_report(results, run_id, path)
 
 
 def _with_run_id(config: Any, kind: RunKind) -> Any:
@@ -340,8 +325,8 @@ def train_and_segment_flow(
         num_cpus: CPUs of the embedded Ray.
     """
     config = _with_run_id(config, "train")
-    if config.val_split is None:
-        raise ValueError("train_and_segment_flow segments the val split: set config.val_split")
+    if config.data.val_split is None:
+        raise ConfigError("train_and_segment_flow segments the val split: set data.val_split")
     trained = train_task(config, ray_address, num_cpus)
     publish_task(trained, config.output_uri)
     if trained.model_uri is None:
@@ -351,18 +336,19 @@ def train_and_segment_flow(
         model_uri=trained.model_uri,
         output_uri=config.output_uri,
         run_id=segment_run_id or flow_run_id("segment"),
-        split=config.val_split,
-        batch_size=batch_size,
-        actors=actors,
-        use_gpu=config.use_gpu,
-        threads_per_actor=config.threads_per_worker,
-        dataset=dataclasses.replace(config.dataset, split=None),
+        data=SegmentData(split=config.data.val_split, read=config.data.read),
+        scaling=SegmentScaling(
+            actors=actors,
+            batch_size=batch_size,
+            use_gpu=config.scaling.use_gpu,
+            threads_per_actor=config.scaling.threads_per_worker,
+        ),
     )
     segmented = segment_task(segment_config, ray_address, num_cpus)
     report = None
     if html_report:
         report = report_task(
-            config.output_uri, segmented.run_id, html_report, config.dataset.storage
+            config.output_uri, segmented.run_id, html_report, config.data.read.storage
         )
     publish_task(segmented, config.output_uri, {"html report": report} if report else None)
     return TrainAndSegmentResult(trained, segmented, report)

@@ -7,9 +7,9 @@ failed is followed by a new attempt, ``<id>-r1``, ``<id>-r2``..., so a retried t
 the job (which resumes from its checkpoints or completes its tables); one that was stopped
 (``ray job stop``) is a decision, not rerun.
 
-Token auth: when ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` are set in the environment,
-Ray's ``JobSubmissionClient`` sends the token itself; it is never a parameter, and never
-logged.
+Token auth: the token is read from ``RAY_AUTH_TOKEN`` (or the file ``RAY_AUTH_TOKEN_PATH``
+names) at each connection and sent as a header (:func:`connect`); it is never a parameter,
+and never logged.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from pipeline.errors import InputError, ServiceError
 
 __all__ = [
     "JobFailed",
@@ -38,11 +40,11 @@ _MAX_ATTEMPTS = 100
 _MAX_POLL_ERRORS = 10
 
 
-class RayAddressError(ConnectionError):
+class RayAddressError(InputError, ConnectionError):
     """The Ray dashboard address is malformed or does not answer."""
 
 
-class JobFailed(RuntimeError):
+class JobFailed(ServiceError):
     """A Ray job ended FAILED (or STOPPED: :class:`JobStopped`)."""
 
     def __init__(self, submission_id: str, status: str, message: str, log_tail: str) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.train import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.train.config import TrainConfig
 
 __all__ = [
     "DEPLOYMENT_FLOW",
@@ -35,7 +36,7 @@ def check_schedule(cron: str, timezone: str = "UTC") -> Any:
         timezone: IANA time zone the expression is read in.
 
     Raises:
-        ValueError: Not a cron expression, or not a time zone (the message names it).
+        ConfigError: Not a cron expression, or not a time zone (the message names it).
     """
     from prefect._internal.schemas.validators import validate_cron_string
     from prefect.client.schemas.schedules import is_valid_timezone
@@ -44,14 +45,14 @@ def check_schedule(cron: str, timezone: str = "UTC") -> Any:
     try:
         validate_cron_string(cron)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--cron {cron!r} is not a cron expression: use five fields, minute hour "
             "day-of-month month day-of-week, e.g. '0 3 * * *' for 03:00 every day"
         ) from None
     if len(cron.split()) != 5 and not cron.startswith("@"):  # @daily and friends are fine
-        raise ValueError(f"--cron {cron!r}: use exactly five fields, e.g. '0 3 * * *'")
+        raise ConfigError(f"--cron {cron!r}: use exactly five fields, e.g. '0 3 * * *'")
     if not is_valid_timezone(timezone):
-        raise ValueError(f"--timezone {timezone!r} is not an IANA time zone, e.g. Europe/Paris")
+        raise ConfigError(f"--timezone {timezone!r} is not an IANA time zone, e.g. Europe/Paris")
     return Cron(cron, timezone=timezone)
 
 
@@ -62,7 +63,7 @@ def check_server() -> str:
     scheduler, so a deployment served on it would never run on its schedule.
 
     Raises:
-        ValueError: ``PREFECT_API_URL`` is unset, or the server does not answer.
+        ConfigError: ``PREFECT_API_URL`` is unset, or the server does not answer.
     """
     import urllib.request
 
@@ -70,7 +71,7 @@ def check_server() -> str:
 
     url = (PREFECT_API_URL.value() or "").rstrip("/")
     if not url:
-        raise ValueError(
+        raise ConfigError(
             "schedules need a Prefect server: set PREFECT_API_URL, e.g. "
             "http://127.0.0.1:4200/api (`python -m infra.local.prefect_server --home DIR` "
             "starts one); the ephemeral server has no scheduler"
@@ -79,7 +80,7 @@ def check_server() -> str:
         with urllib.request.urlopen(f"{url}/health", timeout=10):
             pass
     except OSError as exc:
-        raise ValueError(f"Prefect server {url} does not answer ({exc})") from None
+        raise ConfigError(f"Prefect server {url} does not answer ({exc})") from None
     return url
 
 
@@ -93,10 +94,10 @@ def train_parameters(
         ray_address: The cluster's dashboard, or None for embedded Ray.
         num_cpus: CPUs of the embedded Ray.
     """
-    from pydantic import TypeAdapter
+    from pipeline.config import dump
 
     return {
-        "config": TypeAdapter(TrainConfig).dump_python(config, mode="json"),
+        "config": dump(config),
         "ray_address": ray_address,
         "num_cpus": num_cpus,
     }
@@ -125,6 +126,6 @@ def serve_train(
         name=name,
         schedule=schedule,
         parameters=train_parameters(config, ray_address=ray_address, num_cpus=num_cpus),
-        description=f"Train {config.model_name} on {config.dataset_uri} into {config.output_uri}",
+        description=f"Train {config.model.name} on {config.dataset_uri} into {config.output_uri}",
         tags=["fcnpipe", "train"],
     )

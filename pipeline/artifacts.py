@@ -56,9 +56,11 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from fcn.metrics import nan_to_none
 from fcn.models import BACKBONES, FCN, HEADS, build_model
 from fcn.transforms import Normalization
 from pipeline import storage
+from pipeline.errors import ConfigError, InputError
 from pipeline.storage import StorageOptions
 from pipeline.tables import validate_run_id
 
@@ -107,7 +109,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LIBRARIES = ("torch", "torchvision", "numpy", "safetensors", "fcnpipe")
 
 
-class ArtifactError(Exception):
+class ArtifactError(InputError):
     """A model artifact that cannot be loaded: incomplete, corrupted or inconsistent.
 
     Messages name the artifact's URI. Storage failures (``pipeline.storage.StorageError``)
@@ -146,7 +148,7 @@ def model_uri(out_uri: str, run_id: str) -> str:
     return storage.join(out_uri, "models", run_id)
 
 
-def _jsonable(value: Any, where: str) -> Any:
+def _card_json(value: Any, where: str) -> Any:
     """``value`` as plain JSON data: dataclasses, paths, enums, tuples, numpy scalars converted.
 
     ``StorageOptions`` values are left out of mappings and dataclasses: cards carry none.
@@ -158,9 +160,9 @@ def _jsonable(value: Any, where: str) -> Any:
             raise ValueError(f"{where}: {value} is not valid JSON")
         return value
     if isinstance(value, np.generic):
-        return _jsonable(value.item(), where)
+        return _card_json(value.item(), where)
     if isinstance(value, Enum):
-        return _jsonable(value.value, where)
+        return _card_json(value.value, where)
     if isinstance(value, PurePath):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):
@@ -171,10 +173,10 @@ def _jsonable(value: Any, where: str) -> Any:
             if not isinstance(key, str):
                 raise ValueError(f"{where}: keys must be strings, got {key!r}")
             if not isinstance(item, StorageOptions):
-                out[key] = _jsonable(item, f"{where}.{key}")
+                out[key] = _card_json(item, f"{where}.{key}")
         return out
     if isinstance(value, list | tuple):
-        return [_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_card_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
     raise ValueError(f"{where}: a {type(value).__name__} is not JSON data")
 
 
@@ -201,14 +203,6 @@ def _metric(value: Any, name: str, num_classes: int) -> float | int | list[float
             )
         return [_metric_number(v, f"metrics[{name!r}][{i}]") for i, v in enumerate(value)]
     return _metric_number(value, f"metrics[{name!r}]")
-
-
-def _no_nan(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _check_uri(uri: str | None, name: str) -> None:
@@ -255,7 +249,7 @@ class ModelCard:
     dataset_uri: str | None = None
     """URI of the training dataset (root or manifest)."""
     manifest_hash: str | None = None
-    """``pipeline.datasets.manifest_hash`` of the training manifest."""
+    """``pipeline.data.layouts.manifest_hash`` of the training manifest."""
     parent_model_uri: str | None = None
     """Artifact this model was initialised from (staged training, e.g. FCN-16s from 32s)."""
     weights_file: str | None = None
@@ -327,7 +321,7 @@ class ModelCard:
 
     @classmethod
     def _mapping(cls, value: Any, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = _jsonable(cls._mapping_of(value, name), name)
+        data: dict[str, Any] = _card_json(cls._mapping_of(value, name), name)
         return data
 
     def _set_normalization(self) -> None:
@@ -364,7 +358,7 @@ class ModelCard:
         data: dict[str, Any] = {"format_version": CARD_FORMAT_VERSION}
         for f in fields(self):
             data[f.name] = getattr(self, f.name)
-        data["metrics"] = {k: _no_nan(v) for k, v in self.metrics.items()}
+        data["metrics"] = nan_to_none(dict(self.metrics))
         return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod
@@ -421,7 +415,7 @@ def check_no_secrets(text: str) -> None:
             continue
         escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
         if secret in text or escaped in text:
-            raise ValueError(
+            raise ConfigError(
                 f"refusing to write a model card holding the value of {name} (not shown); "
                 f"remove credentials from the training config"
             )

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 from pipeline.storage import StorageOptions
 
 __all__ = ["Faults"]
@@ -56,11 +57,11 @@ class Faults:
 
     def __post_init__(self) -> None:
         if self.train_at is not None and min(self.train_at) < 0:
-            raise ValueError(f"train_at needs rank, epoch and step >= 0: {self.train_at}")
+            raise ConfigError(f"train_at needs rank, epoch and step >= 0: {self.train_at}")
         for name in ("actor_stall_after", "driver_exit_after"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise ConfigError(f"{name} must be >= 0, got {value}")
 
     @staticmethod
     def parse_train_at(text: str) -> tuple[tuple[int, int, int], bool]:
@@ -70,9 +71,9 @@ class Faults:
         try:
             rank, epoch, step = (int(p) for p in parts[:3])
             if len(parts) not in (3, 4) or (len(parts) == 4 and not stall):
-                raise ValueError
+                raise ConfigError("")
         except ValueError:
-            raise ValueError(f"expected RANK:EPOCH:STEP[:stall], got {text!r}") from None
+            raise ConfigError(f"expected RANK:EPOCH:STEP[:stall], got {text!r}") from None
         return (rank, epoch, step), stall
 
     def _marker(self, *parts: str) -> str:

@@ -5,59 +5,40 @@ Usage (what ``flows.ray_jobs`` submits through the Jobs API; runs on the cluster
     python -m pipeline.jobs segment '{"input_uri": "...", "model_uri": "...", ...}'
 
 The JSON is the same typed configuration (``TrainConfig``, ``SegmentConfig``) the CLI and the
-flows build, validated again here by pydantic, so a job fails at its first line on a field
-the cluster's fcnpipe does not know. Inside a Ray Job ``RAY_ADDRESS`` is set and the run joins
-the cluster (``pipeline.cluster.ensure_ray``). Results go to the tables under the output root,
-which is where the flow reads them: the job's output is only its log.
+flows build (:mod:`pipeline.config`), validated again here, so a job fails at its first line
+on a field the cluster's fcnpipe does not know. Inside a Ray Job ``RAY_ADDRESS`` is set and
+the run joins the cluster (``pipeline.cluster.ensure_ray``). Results go to the tables under
+the output root, which is where the flow reads them: the job's output is only its log.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Literal
+from typing import Any
 
-__all__ = ["JOB_KINDS", "config_from_json", "config_to_json", "main"]
+from pipeline.tables import RUN_KINDS, RunKind
 
-JobKind = Literal["train", "segment"]
-JOB_KINDS: tuple[JobKind, ...] = ("train", "segment")
+__all__ = ["config_class", "entrypoint", "main"]
 
 
-def _adapter(kind: JobKind) -> Any:
-    from pydantic import TypeAdapter
-
+def config_class(kind: RunKind) -> type[Any]:
+    """The configuration class of a job kind (``train`` or ``segment``)."""
     if kind == "train":
-        from pipeline.train import TrainConfig
+        from pipeline.train.config import TrainConfig
 
-        return TypeAdapter(TrainConfig)
-    if kind == "segment":
-        from pipeline.infer import SegmentConfig
+        return TrainConfig
+    from pipeline.segment.config import SegmentConfig
 
-        return TypeAdapter(SegmentConfig)
-    raise ValueError(f"job kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
+    return SegmentConfig
 
 
-def config_to_json(kind: JobKind, config: Any) -> str:
-    """A job configuration as JSON (every field, defaults included).
+def entrypoint(kind: RunKind, config: Any) -> str:
+    """The shell command a Ray Job runs for ``config``."""
+    import shlex
 
-    Args:
-        kind: ``train`` (a ``TrainConfig``) or ``segment`` (a ``SegmentConfig``).
-        config: The configuration.
-    """
-    return str(_adapter(kind).dump_json(config).decode())
+    from pipeline.config import to_json
 
-
-def config_from_json(kind: JobKind, text: str) -> Any:
-    """The configuration a JSON text describes, checked as the dataclass checks it.
-
-    Args:
-        kind: ``train`` or ``segment``.
-        text: JSON from :func:`config_to_json`.
-
-    Raises:
-        ValueError: A field is missing, unknown to this version, or invalid (pydantic's
-            ``ValidationError`` is a ``ValueError``).
-    """
-    return _adapter(kind).validate_json(text)
+    return f"python -m pipeline.jobs {kind} {shlex.quote(to_json(config))}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: ``[KIND, CONFIG_JSON]`` (default: ``sys.argv[1:]``).
     """
+    from pipeline.config import from_json
+
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in JOB_KINDS:
+    if len(args) != 2 or args[0] not in RUN_KINDS:
         print(
-            f"usage: python -m pipeline.jobs {{{'|'.join(JOB_KINDS)}}} CONFIG_JSON", file=sys.stderr
+            f"usage: python -m pipeline.jobs {{{'|'.join(RUN_KINDS)}}} CONFIG_JSON", file=sys.stderr
         )
         return 2
-    kind: JobKind = "train" if args[0] == "train" else "segment"
-    config = config_from_json(kind, args[1])
+    kind: RunKind = "train" if args[0] == "train" else "segment"
+    config = from_json(config_class(kind), args[1])
     if kind == "train":
-        from pipeline.train import train
+        from pipeline.train.driver import train
 
         result = train(config, echo=lambda line: print(line, flush=True))
         print(f"model: {result.model_uri}", flush=True)
     else:
-        from pipeline.infer import segment
+        from pipeline.segment.driver import segment
 
         segmented = segment(config, echo=lambda line: print(line, flush=True))
         print(

@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 import fsspec
 import pyarrow.fs as pafs
 
+from pipeline.errors import ConfigError, InputError, ServiceError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -105,15 +107,15 @@ class StorageError(Exception):
     """
 
 
-class BucketNotFound(StorageError):
+class BucketNotFound(StorageError, InputError):
     """The bucket does not exist."""
 
 
-class AccessDenied(StorageError):
+class AccessDenied(StorageError, InputError):
     """The credentials are missing, wrong, or not allowed to do this."""
 
 
-class StorageUnavailable(StorageError):
+class StorageUnavailable(StorageError, ServiceError):
     """Transient errors went on past the retry budget (server down, throttled, timing out)."""
 
 
@@ -145,17 +147,17 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.client_max_attempts < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"max_attempts and client_max_attempts must be >= 1, got "
                 f"{self.max_attempts} and {self.client_max_attempts}"
             )
         if self.initial_delay_s < 0 or self.max_delay_s < self.initial_delay_s:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 <= initial_delay_s <= max_delay_s, got {self.initial_delay_s} "
                 f"and {self.max_delay_s}"
             )
         if self.max_total_s <= 0:
-            raise ValueError(f"max_total_s must be > 0, got {self.max_total_s}")
+            raise ConfigError(f"max_total_s must be > 0, got {self.max_total_s}")
 
     def delay(self, attempt: int) -> float:
         """The wait after failed attempt ``attempt`` (1-based): exponential, jittered.
@@ -189,7 +191,7 @@ class StorageOptions:
     """Timeout for opening a connection to the storage endpoint."""
     read_timeout_s: float = 60.0
     """Timeout for a response (botocore; pyarrow's AWS SDK applies it on macOS/Windows only)."""
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy, metadata={"cli": False})
     """Retry policy for transient errors."""
 
     def __post_init__(self) -> None:
@@ -198,9 +200,9 @@ class StorageOptions:
         if self.s3_region is not None and (
             not self.s3_region or any(c.isspace() for c in self.s3_region)
         ):
-            raise ValueError(f"s3_region must be a region name like us-east-1: {self.s3_region!r}")
+            raise ConfigError(f"s3_region must be a region name like us-east-1: {self.s3_region!r}")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"timeouts must be > 0, got connect_timeout_s={self.connect_timeout_s}, "
                 f"read_timeout_s={self.read_timeout_s}"
             )
@@ -226,7 +228,7 @@ def _check_endpoint(endpoint: str) -> str:
     """Validate ``http(s)://host[:port]`` and return it without a trailing slash."""
     if "@" in endpoint:
         # Never echo the value: user info may hold a password.
-        raise ValueError(
+        raise ConfigError(
             "s3_endpoint must be http(s)://host[:port] without user:password@ "
             "(value not shown: it may hold a password)"
         )
@@ -235,7 +237,7 @@ def _check_endpoint(endpoint: str) -> str:
         parts = urlsplit(endpoint)
         port = parts.port  # raises ValueError on a bad port
     except ValueError:
-        raise ValueError(problem) from None
+        raise ConfigError(problem) from None
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname
@@ -243,7 +245,7 @@ def _check_endpoint(endpoint: str) -> str:
         or parts.query
         or parts.fragment
     ):
-        raise ValueError(problem)
+        raise ConfigError(problem)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
@@ -566,21 +568,21 @@ def _split_uri(uri: str) -> tuple[str, str]:
     """Split a URI into (scheme, path inside the filesystem)."""
     supported = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES) + " or a plain path"
     if not uri:
-        raise ValueError(f"empty URI; expected {supported}")
+        raise ConfigError(f"empty URI; expected {supported}")
     if "://" not in uri:
         return "file", os.path.abspath(os.path.expanduser(uri))
     raw_scheme, rest = uri.split("://", 1)
     scheme = _SCHEME_ALIASES.get(raw_scheme.lower())
     if scheme is None:
-        raise ValueError(f"unsupported URI scheme {raw_scheme!r} in {uri!r}; expected {supported}")
+        raise ConfigError(f"unsupported URI scheme {raw_scheme!r} in {uri!r}; expected {supported}")
     if scheme == "file":
         host, sep, local = rest.partition("/")
         if host not in ("", "localhost") or not sep:
-            raise ValueError(f"file URI {uri!r} must be file:///absolute/path")
+            raise ConfigError(f"file URI {uri!r} must be file:///absolute/path")
         return "file", os.path.abspath("/" + local)
     bucket, _, key = rest.partition("/")
     if not bucket or "@" in bucket or "?" in rest or "#" in rest:
-        raise ValueError(f"{scheme} URI {uri!r} must be {scheme}://bucket[/key]")
+        raise ConfigError(f"{scheme} URI {uri!r} must be {scheme}://bucket[/key]")
     key = key.strip("/")
     return scheme, f"{bucket}/{key}" if key else bucket
 
@@ -593,10 +595,10 @@ def _join_parts(base: str, parts: Iterable[str]) -> str:
     cleaned: list[str] = []
     for part in parts:
         if part.startswith("/"):
-            raise ValueError(f"cannot join absolute part {part!r} onto {base!r}")
+            raise ConfigError(f"cannot join absolute part {part!r} onto {base!r}")
         pieces = [p for p in part.split("/") if p not in ("", ".")]
         if ".." in pieces:
-            raise ValueError(f"cannot join {part!r} onto {base!r}: '..' is not allowed")
+            raise ConfigError(f"cannot join {part!r} onto {base!r}: '..' is not allowed")
         cleaned.extend(pieces)
     return "/".join(cleaned)
 

@@ -76,6 +76,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.errors import ConfigError, InputError
 from pipeline.storage import (
     Location,
     StorageOptions,
@@ -171,7 +172,7 @@ RUNS = pa.schema(
 ERRORS = pa.schema(
     [
         _RUN_ID,
-        pa.field("image_id", pa.string()),  # as in pipeline.datasets.ERRORS_SCHEMA
+        pa.field("image_id", pa.string()),  # as in pipeline.data.reading.ERRORS_SCHEMA
         _required("image_uri", pa.string()),
         _required("stage", pa.string()),
         _required("error_type", pa.string()),
@@ -251,11 +252,11 @@ class SchemaError(TableError, ValueError):
         self.column = column
 
 
-class RunExistsError(TableError):
+class RunExistsError(TableError, InputError):
     """The run is already committed and ``overwrite`` was not asked for."""
 
 
-class RunNotCommittedError(TableError, LookupError):
+class RunNotCommittedError(TableError, InputError, LookupError):
     """A reader asked for a run that has no commit marker."""
 
 
@@ -272,14 +273,74 @@ def validate_run_id(run_id: str) -> str:
         run_id: The id to check.
 
     Raises:
-        ValueError: The id is not safe (the message names it).
+        ConfigError: The id is not safe (the message names it).
     """
     if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
-        raise ValueError(
+        raise ConfigError(
             f"invalid run id {run_id!r}: use a letter, then up to 127 letters, digits, "
             "'-', '_' or '.' (no '..', no '/')"
         )
     return run_id
+
+
+def check_not_committed(
+    out_uri: str | Location, run_id: str, overwrite: bool, options: StorageOptions | None = None
+) -> None:
+    """Refuse a committed run unless it is to be overwritten (jobs call it before any work).
+
+    Raises:
+        RunExistsError: The run is committed and ``overwrite`` is False.
+    """
+    if not overwrite and is_committed(out_uri, run_id, options):
+        raise RunExistsError(
+            f"run {run_id!r} is already committed under {resolve(out_uri, options).uri}; pass "
+            "overwrite=True (--overwrite) to replace it, or use a new run id"
+        )
+
+
+def runs_row(
+    *,
+    kind: RunKind,
+    input_uri: str,
+    model_uri: str | None,
+    num_images: int,
+    num_errors: int,
+    scores: Mapping[str, Any] | None,
+    class_names: Sequence[str],
+    started_at: datetime,
+    finished_at: datetime,
+    images_per_s: float | None,
+) -> dict[str, Any]:
+    """A run's ``runs`` row (the metrics from ``fcn.metrics.scores``; None without masks).
+
+    Args:
+        kind: ``train`` or ``segment``.
+        input_uri: The dataset or images the run read.
+        model_uri: The model it trained or used.
+        num_images: Images trained on or segmented.
+        num_errors: Objects that failed.
+        scores: The paper's metrics and per-class ``iou`` (NaN or None where undefined).
+        class_names: Name per class id.
+        started_at: Start (UTC).
+        finished_at: End (UTC).
+        images_per_s: Throughput.
+    """
+    from fcn.metrics import PAPER_METRICS, nan_to_none
+
+    plain = nan_to_none(dict(scores or {}))
+    return {
+        "kind": kind,
+        "input_uri": input_uri,
+        "model_uri": model_uri,
+        "num_images": num_images,
+        "num_errors": num_errors,
+        **{key: plain.get(key) for key in PAPER_METRICS},
+        "class_names": list(class_names),
+        "class_iou": plain.get("iou"),
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "images_per_s": images_per_s,
+    }
 
 
 def new_run_id(kind: RunKind) -> str:
@@ -485,7 +546,7 @@ class CommitMarker:
     """The content of ``OUT/_committed/<run_id>.json``: what a committed run consists of."""
 
     run_id: str
-    """The run."""
+    """Its id."""
     kind: str
     """``train`` or ``segment``."""
     finished_at: datetime
@@ -949,11 +1010,7 @@ class RunWriter:
         self._committed = False
         self._pafs: pafs.FileSystem | None = None
         if exists(self._marker):
-            if not overwrite:
-                raise RunExistsError(
-                    f"run {run_id!r} is already committed under {self._root}; pass "
-                    "overwrite=True (--overwrite) to replace it, or use a new run id"
-                )
+            check_not_committed(self._root, run_id, overwrite)
             # Marker first: from here on the run is invisible, whatever happens next.
             delete(self._marker)
         if overwrite:

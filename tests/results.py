@@ -16,7 +16,7 @@ import numpy as np
 from fcn.metrics import confusion_matrix, per_class_counts, scores
 from fcn.palette import encode_label_png
 from fcn.synthetic import CLASS_NAMES, NUM_CLASSES, make_dataset
-from pipeline.datasets import write_synthetic
+from pipeline.data.synthetic import write_synthetic
 from pipeline.storage import StorageOptions, join, resolve
 from pipeline.tables import RunWriter
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ import pytest
 
 from fcn.palette import decode_label_png
 from fcn.synthetic import CLASS_NAMES
-from tests.cli import fcnpipe
+from tests.cli import fcnpipe, fcnpipe_in_process
 
 pytestmark = pytest.mark.e2e
 
@@ -77,3 +79,36 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for text in (*runs, "mean IoU", "f.w. IoU", "fcnpipe query", "report.html", "target 0.8"):
         assert text in result.stdout, text
     assert (workdir / "report.html").stat().st_size > 1000
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path: Path) -> None:
+    # A KeyError inside a command is a bug, not bad input: Python's traceback, exit code 1.
+    script = (
+        "import sys, pipeline.data.layouts as layouts\n"
+        "def broken(*args, **kwargs): return {}['layout']\n"
+        "layouts.dataset_info = broken\n"
+        "from flows.cli import main\n"
+        f"sys.argv = ['fcnpipe', 'dataset', 'info', {str(tmp_path)!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "KeyError: 'layout'" in result.stderr
+
+
+def test_an_unavailable_service_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.data.layouts as layouts
+    from pipeline.storage import StorageUnavailable
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise StorageUnavailable("s3://bucket: the endpoint did not answer after 8 attempts")
+
+    monkeypatch.setattr(layouts, "dataset_info", down)
+    result = fcnpipe_in_process("dataset", "info", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did not answer after 8 attempts" in lines[0]

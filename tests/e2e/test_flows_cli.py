@@ -37,8 +37,12 @@ def _one_line_error(
         (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "'Mars/Olympus' is not an IANA"),
         (["--cron", "0 3 * * *", "--set", "epochs=0"], "epochs must be >= 1"),
         (["--cron", "0 3 * * *", "--set", "epochs"], "expected FIELD=VALUE"),
-        (["--cron", "0 3 * * *", "--set", "epoch=3"], "epoch: Unexpected keyword argument"),
-        (["--cron", "0 3 * * *", "--set", "dataset.storage.anon=maybe"], "dataset.storage.anon"),
+        (["--cron", "0 3 * * *", "--set", "epoch=3"], "TrainConfig has no field 'epoch'"),
+        (
+            ["--cron", "0 3 * * *", "--set", "data.read.storage.anon=maybe"],
+            "data.read.storage.anon",
+        ),
+        (["--cron", "0 3 * * *", "--epochs", "0"], "epochs must be >= 1"),
         (["--cron", "0 3 * * *", "--set", "run_id=fixed"], "derives its run id"),
     ],
 )

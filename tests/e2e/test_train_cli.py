@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fcn.synthetic import CLASS_NAMES
-from pipeline.datasets import write_synthetic
+from pipeline.data.synthetic import write_synthetic
 from pipeline.tables import RunWriter
 from tests.cli import fcnpipe, fcnpipe_in_process
 
@@ -29,8 +29,11 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "fcn4s"], "unknown model 'fcn4s'"),
-        (["--backbone", "vgg19"], "unknown backbone 'vgg19'"),
+        (
+            ["--model", "fcn4s"],
+            "model.head: Input should be 'fcn32s', 'fcn16s' or 'fcn8s' (got 'fcn4s')",
+        ),
+        (["--backbone", "vgg19"], "(got 'vgg19')"),
         (["--num-classes", "9"], f"does not match the dataset's {len(CLASS_NAMES)} classes"),
         (["--amp"], "amp (bf16 autocast) needs use_gpu"),
         (["--init-from", "/nonexistent/model"], "no model card at /nonexistent/model"),

@@ -1,4 +1,4 @@
-"""pipeline.datasets on real storage (local files and SeaweedFS S3) and a real local Ray.
+"""pipeline.data on real storage (local files and SeaweedFS S3) and a real local Ray.
 
 Tests taking ``storage_root`` run once per backend, on the session's local Ray
 (``ray_local``, 2 CPUs), whose workers see the test S3 server's credentials.
@@ -21,24 +21,21 @@ from PIL import Image
 from fcn.palette import encode_label_png
 from fcn.synthetic import CLASS_NAMES, make_dataset, make_sample
 from infra.local.seaweedfs import SeaweedS3
-from pipeline.datasets import (
-    DatasetConfig,
+from pipeline.bench.read import bench_read, format_bench
+from pipeline.data.batches import samples_from_batch
+from pipeline.data.layouts import (
     DatasetError,
-    bench_read,
     build_manifest,
     dataset_info,
     detect_layout,
-    format_bench,
     load_manifest,
     manifest_hash,
     manifest_meta,
-    read_dataset,
-    read_decoded,
     read_manifest,
-    samples_from_batch,
     write_manifest,
-    write_synthetic,
 )
+from pipeline.data.reading import DatasetConfig, read_dataset, read_decoded
+from pipeline.data.synthetic import write_synthetic
 from pipeline.storage import join, read_bytes, write_bytes
 from tests.images import encode, png_claiming
 
@@ -96,8 +93,8 @@ def test_synthetic_voc_round_trip(storage_root: str, ray_local: None) -> None:
     assert load_manifest(manifest_uri, "val")["image_id"].to_pylist() == synthetic.ids("val")
     assert dataset_info(manifest_uri).splits == {"train": 8, "val": 2}
 
-    config = DatasetConfig(require_masks=True, rows_per_block=3, batch_size=2)
-    rows = _decoded_rows(manifest_uri, split="train", config=config)
+    config = DatasetConfig(rows_per_block=3, decode_batch_size=2)
+    rows = _decoded_rows(manifest_uri, split="train", config=config, require_masks=True)
     assert sorted(r["image_id"] for r in rows) == synthetic.ids("train")
     assert all(r["error_stage"] is None for r in rows)
     for sample in samples_from_batch(pa.Table.from_pylist(rows)):
@@ -144,7 +141,7 @@ def test_generic_layout_round_trip(storage_root: str, ray_local: None) -> None:
     assert samples["no_mask"].mask is None
 
     # Training requires masks: the image without one becomes an error row, nothing else.
-    strict = _decoded_rows(storage_root, config=DatasetConfig(require_masks=True))
+    strict = _decoded_rows(storage_root, config=DatasetConfig(), require_masks=True)
     outcome = {r["image_id"]: (r["error_stage"], r["error_type"]) for r in strict}
     assert outcome == {
         "a": (None, None),
@@ -231,8 +228,10 @@ def test_bad_objects_become_error_rows(storage_root: str, ray_local: None) -> No
     listed = [*good_ids[:3], *bad_ids, "ghost", escaping, *good_ids[3:]]
     _put(storage_root, "ImageSets/Segmentation/train.txt", "\n".join(listed).encode())
 
-    config = DatasetConfig(require_masks=True, rows_per_block=4, batch_size=3)
-    good, errors = read_dataset(storage_root, split="train", config=config, cache=True)
+    config = DatasetConfig(rows_per_block=4, decode_batch_size=3)
+    good, errors = read_dataset(
+        storage_root, split="train", config=config, require_masks=True, cache=True
+    )
     good_rows = good.take_all()
     error_list = errors.take_all()
 
@@ -292,13 +291,13 @@ def test_two_workers_each_image_once_per_epoch(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.datasets import iter_train_batches, shuffle_each_epoch
+    from pipeline.data.batches import iter_train_batches, shuffle_each_epoch
 
     root = f"s3://{bucket}/voc"
     write_synthetic(root, num_images=12, size=40, seed=1, val_fraction=0.0)
-    config = DatasetConfig(require_masks=True, rows_per_block=2, batch_size=2)
+    config = DatasetConfig(rows_per_block=2, decode_batch_size=2)
     # Decoded once here, on warm workers; each epoch then re-runs only the shuffle.
-    good, errors = read_dataset(root, split="train", config=config, cache=True)
+    good, errors = read_dataset(root, split="train", config=config, require_masks=True, cache=True)
     assert errors.count() == 0
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir()

@@ -23,15 +23,17 @@ from typing import Any
 import pytest
 
 import flows.pipelines
-import pipeline.train
+import pipeline.train.driver
 from flows.pipelines import read_summary, train_and_segment_flow, train_flow
 from flows.ray_jobs import JobFailed, connect, run_job
 from infra.local.prefect_server import PrefectServer
 from infra.local.ray_cluster import LocalRayCluster
 from pipeline.artifacts import load_card
-from pipeline.datasets import load_manifest, write_synthetic
+from pipeline.config import make
+from pipeline.data.layouts import load_manifest
+from pipeline.data.synthetic import write_synthetic
 from pipeline.tables import committed_runs, read_table
-from pipeline.train import TrainConfig
+from pipeline.train.config import TrainConfig
 from tests.cli import FCNPIPE, fcnpipe
 
 pytestmark = pytest.mark.integration
@@ -74,9 +76,9 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> lis
 def test_a_configuration_error_is_not_retried(
     tmp_path: Path, prefect_api: PrefectServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainings = _count_calls(monkeypatch, pipeline.train, "train")
+    trainings = _count_calls(monkeypatch, pipeline.train.driver, "train")
     missing = str(tmp_path / "no-such-dataset")
-    config = TrainConfig(dataset_uri=missing, output_uri=str(tmp_path / "out"))
+    config = make(TrainConfig, dataset_uri=missing, output_uri=str(tmp_path / "out"))
 
     state = train_flow(config, return_state=True)
 
@@ -105,10 +107,10 @@ def test_train_and_segment_flow_commits_runs_and_publishes_artifacts(
     dataset = _dataset(tmp_path)
     out = str(tmp_path / "out")
     report = tmp_path / "report.html"
-    config = TrainConfig(dataset_uri=dataset, output_uri=out, **QUICK)  # type: ignore[arg-type]
+    config = make(TrainConfig, dataset_uri=dataset, output_uri=out, **QUICK)
     # The training task's first attempt commits its run, then fails reading it back (as if
     # the store blinked): the retry must report that run, not train again or refuse it.
-    trainings = _count_calls(monkeypatch, pipeline.train, "train")
+    trainings = _count_calls(monkeypatch, pipeline.train.driver, "train")
     real_summary = flows.pipelines.read_summary
     failures = iter([OSError("injected: store unavailable")])
 
@@ -274,7 +276,7 @@ def test_scheduled_deployment_has_its_cron_and_a_triggered_run_completes(
         assert schedule.active
         config = deployment.parameters["config"]
         assert config["dataset_uri"] == dataset and config["output_uri"] == out
-        assert config["epochs"] == 1 and config["run_id"] is None
+        assert config["optim"]["epochs"] == 1 and config["run_id"] is None
         assert deployment.parameters["num_cpus"] == 2
 
         flow_run = run_deployment("fcnpipe-train/cron-test", timeout=480)
@@ -328,7 +330,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: PrefectServ
     assert nightly.entrypoint == "flows/pipelines.py:train_flow"
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == "0 3 * * *"  # type: ignore[union-attr]
-    assert nightly.parameters["config"]["epochs"] == 30
+    assert nightly.parameters["config"]["optim"]["epochs"] == 30
     # The pull step runs the flow from the checkout FCNPIPE_HOME named at deploy time.
     assert nightly.pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}
@@ -338,4 +340,4 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: PrefectServ
     assert schema is not None and "TrainConfig" in str(schema)
     # Unknown fields are refused, not dropped: a typo in prefect.yaml fails, loudly.
     assert schema["definitions"]["TrainConfig"]["additionalProperties"] is False
-    assert segment.parameters["config"]["actors"] == 4 and not segment.schedules
+    assert segment.parameters["config"]["scaling"]["actors"] == 4 and not segment.schedules

@@ -40,7 +40,7 @@ from flows.ray_jobs import RayJob, connect, run_job
 from infra.local.ray_cluster import LocalRayCluster
 from infra.local.seaweedfs import SeaweedS3
 from pipeline.artifacts import ModelCard, load_artifact, save_model
-from pipeline.datasets import write_synthetic
+from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults
 from pipeline.storage import exists, join, list_files, write_bytes
 from pipeline.tables import committed_runs, read_table

@@ -10,16 +10,13 @@ import json
 import math
 import pickle
 import threading
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from pipeline.storage import list_files, read_bytes, resolve, write_bytes
 from pipeline.tables import (
@@ -28,92 +25,19 @@ from pipeline.tables import (
     RunExistsError,
     RunNotCommittedError,
     RunWriter,
-    SchemaError,
     TableError,
     TableWriter,
     committed_runs,
-    conform,
     duckdb_connection,
     file_schema,
     is_committed,
     load_marker,
     new_run_id,
     read_table,
-    validate_run_id,
 )
+from tests.rows import LABEL_MAP, T0, metrics, predictions, runs_row
 
 pytestmark = pytest.mark.integration
-
-T0 = datetime(2026, 11, 21, 6, 30, tzinfo=UTC)
-
-
-def _png(height: int = 4, width: int = 5) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ones((height, width), np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-LABEL_MAP = _png()
-
-
-def _predictions(ids: list[str]) -> list[dict[str, Any]]:
-    return [
-        {
-            "image_id": i,
-            "image_uri": f"s3://in/images/{i}.jpg",
-            "height": 4,
-            "width": 5,
-            "label_map": LABEL_MAP,
-            "class_pixel_counts": [0, 20],
-            "model_uri": "s3://out/models/train-1",
-            "latency_ms": 2.5,
-        }
-        for i in ids
-    ]
-
-
-def _runs_row(kind: str, mean_iou: float) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "input_uri": "s3://in/images",
-        "model_uri": "s3://out/models/train-1",
-        "num_images": 3,
-        "num_errors": 0,
-        "pixel_acc": 0.9,
-        "mean_acc": 0.8,
-        "mean_iou": mean_iou,
-        "fw_iou": 0.85,
-        "class_names": ["background", "shape"],
-        "class_iou": [0.9, float("nan")],
-        "started_at": T0,
-        "finished_at": T0 + timedelta(minutes=1),
-        "images_per_s": 10.0,
-    }
-
-
-def _metrics(image_id: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "image_id": image_id,
-            "class_id": 0,
-            "class_name": "background",
-            "gt_pixels": 10,
-            "pred_pixels": 12,
-            "intersection": 9,
-            "union": 13,
-            "iou": 9 / 13,
-        },
-        {
-            "image_id": image_id,
-            "class_id": 1,
-            "class_name": "shape",
-            "gt_pixels": 10,
-            "pred_pixels": 8,
-            "intersection": 7,
-            "union": 11,
-            "iou": 7 / 11,
-        },
-    ]
 
 
 def _partition_files(root: str, table: str, run_id: str) -> list[str]:
@@ -128,16 +52,16 @@ def _marker_files(root: str, run_id: str, table: str) -> list[str]:
 def test_readers_see_committed_runs_only(storage_root: str) -> None:
     done, crashed = "segment-a", "segment-b"
     run = RunWriter(storage_root, done, "segment")
-    run.write("predictions", _predictions(["x", "y", "z"]))
+    run.write("predictions", predictions(["x", "y", "z"]))
     for image_id in ("x", "y", "z"):
-        run.write("class_metrics", _metrics(image_id))
-    run.write("runs", [_runs_row("segment", 0.66)])
+        run.write("class_metrics", metrics(image_id))
+    run.write("runs", [runs_row("segment", 0.66)])
     marker = run.commit(extra={"model_uri": "s3://out/models/train-1"})
     assert marker.rows("predictions") == 3 and marker.extra["model_uri"].endswith("train-1")
 
     other = RunWriter(storage_root, crashed, "segment")
-    other.write("predictions", _predictions(["p", "q"]))
-    other.write("runs", [_runs_row("segment", 0.1)])
+    other.write("predictions", predictions(["p", "q"]))
+    other.write("runs", [runs_row("segment", 0.1)])
     other.flush()  # files on storage, but never committed
 
     assert committed_runs(storage_root) == [done]
@@ -179,7 +103,7 @@ def test_readers_see_committed_runs_only(storage_root: str) -> None:
 def test_raw_hive_reads_give_a_string_run_id(storage_root: str) -> None:
     run_id = new_run_id("segment")
     run = RunWriter(storage_root, run_id, "segment")
-    run.write("predictions", _predictions(["a", "b"]))
+    run.write("predictions", predictions(["a", "b"]))
     run.commit()
     root = resolve(storage_root)
     fs, base = root.join("predictions").pyarrow_fs()
@@ -207,9 +131,9 @@ def test_crashed_run_resumes_without_duplicates(storage_root: str) -> None:
     run_id = "segment-crash"
     first = RunWriter(storage_root, run_id, "segment")
     actor = first.writer("predictions", writer_id="actor0")
-    actor.write(_predictions([f"img{i}" for i in range(5)]))
+    actor.write(predictions([f"img{i}" for i in range(5)]))
     actor.flush()
-    first.write("predictions", _predictions(["img5", "img6"]))  # buffered only: lost
+    first.write("predictions", predictions(["img5", "img6"]))  # buffered only: lost
     good = _partition_files(storage_root, "predictions", run_id)
     assert len(good) == 1
     # The crash: a truncated part file and a temporary leftover beside the good one.
@@ -227,7 +151,7 @@ def test_crashed_run_resumes_without_duplicates(storage_root: str) -> None:
     assert done == {f"img{i}" for i in range(5)}
     assert _partition_files(storage_root, "predictions", run_id) == good  # debris deleted
     todo = [f"img{i}" for i in range(10) if f"img{i}" not in done]
-    second.write("predictions", _predictions(todo))
+    second.write("predictions", predictions(todo))
     assert second.existing_ids("predictions") == {f"img{i}" for i in range(10)}
     second.commit()
 
@@ -246,7 +170,7 @@ def test_resumed_training_keeps_the_latest_row_per_epoch(storage_root: str) -> N
 
     first = RunWriter(storage_root, run_id, "train")
     first.write("training", [epoch(e, 1.0) for e in range(3)])
-    first.write("runs", [_runs_row("train", 0.1)])  # a crash after the summary, before commit
+    first.write("runs", [runs_row("train", 0.1)])  # a crash after the summary, before commit
     first.flush()
     del first
 
@@ -254,7 +178,7 @@ def test_resumed_training_keeps_the_latest_row_per_epoch(storage_root: str) -> N
     assert second.existing_ids("training", key="epoch") == {0, 1, 2}
     # Resumed from the epoch-1 checkpoint: epoch 2 is trained again.
     second.write("training", [epoch(e, 2.0) for e in (2, 3)])
-    second.write("runs", [_runs_row("train", 0.9)])
+    second.write("runs", [runs_row("train", 0.9)])
     second.commit()
 
     training = read_table(storage_root, "training").sort_by("epoch")
@@ -272,7 +196,7 @@ def test_resumed_training_keeps_the_latest_row_per_epoch(storage_root: str) -> N
 def test_overwrite_replaces_a_committed_run(storage_root: str) -> None:
     run_id = "segment-over"
     run = RunWriter(storage_root, run_id, "segment")
-    run.write("predictions", _predictions(["old1", "old2"]))
+    run.write("predictions", predictions(["old1", "old2"]))
     run.write(
         "errors",
         [{"image_uri": "s3://in/bad.jpg", "stage": "read", "error_type": "X", "message": "m"}],
@@ -285,7 +209,7 @@ def test_overwrite_replaces_a_committed_run(storage_root: str) -> None:
     again = RunWriter(storage_root, run_id, "segment", overwrite=True)
     assert not again.resumed and not is_committed(storage_root, run_id)
     assert again.existing_ids("predictions") == set()
-    again.write("predictions", _predictions(["new"]))
+    again.write("predictions", predictions(["new"]))
     again.commit()
     assert read_table(storage_root, "predictions")["image_id"].to_pylist() == ["new"]
     assert read_table(storage_root, "errors").num_rows == 0
@@ -309,7 +233,7 @@ def test_many_writers_append_to_one_run(storage_root: str) -> None:
     def work(rank: int, writer: TableWriter) -> None:
         try:
             for start in range(0, 25, 5):
-                writer.write(_predictions([f"r{rank}-{i}" for i in range(start, start + 5)]))
+                writer.write(predictions([f"r{rank}-{i}" for i in range(start, start + 5)]))
             writer.close()
         except BaseException as exc:
             errors.append(exc)
@@ -329,88 +253,15 @@ def test_many_writers_append_to_one_run(storage_root: str) -> None:
     assert con.sql("SELECT count(DISTINCT image_id) FROM predictions").fetchall() == [(75,)]
 
 
-def test_schema_errors_name_the_table_and_column() -> None:
-    rows = [{**row, "run_id": "segment-x"} for row in _predictions(["a"])]
-    with pytest.raises(SchemaError, match=r"'predictions'.*'height'"):
-        conform("predictions", [{**rows[0], "height": "tall"}])
-    with pytest.raises(SchemaError, match=r"'predictions'.*'height'"):
-        conform("predictions", [{**rows[0], "height": 2**40}])
-    with pytest.raises(SchemaError, match=r"'predictions'.*'label_map'.*missing"):
-        conform("predictions", [{k: v for k, v in rows[0].items() if k != "label_map"}])
-    with pytest.raises(SchemaError, match=r"'predictions'.*'labelmap'.*unknown"):
-        conform("predictions", [{**rows[0], "labelmap": b""}])
-    with pytest.raises(SchemaError, match=r"'errors'.*'stage'.*null"):
-        conform(
-            "errors",
-            [{"run_id": "r", "image_uri": "u", "stage": None, "error_type": "t", "message": "m"}],
-        )
-    with pytest.raises(SchemaError, match=r"'runs'.*'started_at'.*naive"):
-        conform(
-            "runs", [{**_runs_row("train", 0.5), "run_id": "r", "started_at": datetime(2026, 1, 1)}]
-        )
-    with pytest.raises(SchemaError, match=r"'training'.*'epoch'"):
-        conform("training", pa.table({"run_id": ["r"], "epoch": pa.array(["one"])}))
-    with pytest.raises(SchemaError, match=r"'training'.*'run_id'.*missing"):
-        conform("training", [{"epoch": 1}])
-    with pytest.raises(ValueError, match="unknown result table 'prediction'"):
-        conform("prediction", rows)
-    writer = TableWriter("/nonexistent-root", "segment-x", "predictions")
-    with pytest.raises(SchemaError, match=r"'run_id'.*segment-y"):
-        writer.write([{**rows[0], "run_id": "segment-y"}])
-
-    # Columns as numpy arrays (a Ray Data batch) and NaN -> null where the contract says so.
-    metrics = conform(
-        "class_metrics",
-        {
-            "run_id": np.array(["r", "r"]),
-            "image_id": np.array(["a", "a"]),
-            "class_id": np.array([0, 1]),
-            "class_name": ["bg", "fg"],
-            "gt_pixels": np.array([0, 4]),
-            "pred_pixels": np.array([0, 4]),
-            "intersection": np.array([0, 4]),
-            "union": np.array([0, 4]),
-            "iou": np.array([np.nan, 1.0]),
-        },
-    )
-    assert metrics.schema == TABLES["class_metrics"]
-    assert metrics["iou"].to_pylist() == [None, 1.0]
-    batch = {k: np.array([v] * 2, dtype=object) for k, v in rows[0].items()}
-    batch["class_pixel_counts"] = np.array([[3, 17], [0, 20]])  # (rows, classes)
-    batch["height"] = np.array([4, 4], dtype=np.int64)
-    preds = conform("predictions", batch)
-    assert preds["class_pixel_counts"].to_pylist() == [[3, 17], [0, 20]]
-    assert preds["label_map"].to_pylist() == [LABEL_MAP] * 2
-
-
-@pytest.mark.parametrize(
-    "bad", ["", "..", "a/b", "../x", "a..b", "-x", ".hidden", "x y", "r=1", "1"]
-)
-def test_bad_run_ids_are_rejected(bad: str, tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match="invalid run id"):
-        validate_run_id(bad)
-    with pytest.raises(ValueError, match="invalid run id"):
-        RunWriter(str(tmp_path), bad, "segment")
-
-
-def test_new_run_ids_are_valid_and_distinct() -> None:
-    ids = {new_run_id("segment") for _ in range(20)}
-    assert len(ids) == 20
-    for run_id in ids:
-        assert validate_run_id(run_id).startswith("segment-")
-    with pytest.raises(ValueError, match="kind"):
-        new_run_id("predict")  # type: ignore[arg-type]
-
-
 def test_iter_written_is_what_commit_keeps(storage_root: str) -> None:
     run_id = "segment-overlap"
     run = RunWriter(storage_root, run_id, "segment")
     # Three files; img1 and img2 are written again by later files (a rerun after a crash).
     for ids in (["img0", "img1"], ["img1", "img2", "img3"], ["img2"]):
         writer = run.writer("class_metrics")
-        writer.write([row for image_id in ids for row in _metrics(image_id)])
+        writer.write([row for image_id in ids for row in metrics(image_id)])
         writer.close()
-    run.write("class_metrics", _metrics("img4"))  # still buffered: flushed by iter_written
+    run.write("class_metrics", metrics("img4"))  # still buffered: flushed by iter_written
     written = pa.concat_tables(run.iter_written("class_metrics", ["image_id", "class_id"]))
     pairs = sorted(
         zip(written["image_id"].to_pylist(), written["class_id"].to_pylist(), strict=True)

@@ -30,17 +30,16 @@ from fcn.synthetic import CLASS_NAMES, make_sample
 from fcn.transforms import eval_transform, train_transform
 from infra.local.seaweedfs import SeaweedS3
 from pipeline.artifacts import load_artifact
-from pipeline.datasets import (
-    DatasetConfig,
-    load_batch,
-    load_manifest,
-    samples_from_batch,
-    write_synthetic,
-)
+from pipeline.config import make
+from pipeline.data.batches import samples_from_batch
+from pipeline.data.layouts import load_manifest
+from pipeline.data.reading import DatasetConfig, load_batch
+from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults, registered_epoch
 from pipeline.storage import StorageOptions, exists, join, write_bytes
 from pipeline.tables import committed_runs, read_table
-from pipeline.train import TrainConfig, train
+from pipeline.train.config import TrainConfig
+from pipeline.train.driver import train
 from tests.cli import FCNPIPE
 from tests.images import encode
 
@@ -68,10 +67,14 @@ def test_two_workers_step_like_one_process_on_the_whole_batch(
     # VGG16 has no BatchNorm (whose batch statistics are per rank), dropout is off, the
     # transform is fixed and every pixel is labelled, so each rank's mean loss has the same
     # number of pixels and DDP's average of the two gradients is the whole batch's gradient.
+    # Each rank also accumulates its two images as two micro-batches of one (grad_accum 2:
+    # DDP's no_sync on the first, the all-reduce on the second), so this one step checks
+    # gradient accumulation too.
     root = str(tmp_path / "data")
     size, per_worker = 32, 2
     _write_full_label_dataset(root, 2 * per_worker, size)
-    config = TrainConfig(
+    config = make(
+        TrainConfig,
         dataset_uri=root,
         output_uri=str(tmp_path / "out"),
         run_id="ddp",
@@ -82,7 +85,8 @@ def test_two_workers_step_like_one_process_on_the_whole_batch(
         crop_size=size,
         scale_range=(1.0, 1.0),
         hflip=False,
-        batch_size=per_worker,
+        batch_size=1,
+        grad_accum=per_worker,
         epochs=1,
         optimizer="sgd",
         lr=0.5,
@@ -95,11 +99,11 @@ def test_two_workers_step_like_one_process_on_the_whole_batch(
     result = train(config)
     trained, _ = load_artifact(result.model_uri)
 
-    torch.manual_seed(config.seed)  # the workers' initialisation
+    torch.manual_seed(config.optim.seed)  # the workers' initialisation
     reference = build_model("fcn32s_vgg16", len(CLASS_NAMES), backbone="vgg16", dropout=0.0)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     decoded = load_batch(
-        load_manifest(root, "train"), config=DatasetConfig(require_masks=True), num_classes=6
+        load_manifest(root, "train"), config=DatasetConfig(), num_classes=6, require_masks=True
     )
     fixed = train_transform(size, scale_range=(1.0, 1.0), hflip_prob=0.0)
     pairs = [fixed(s.image, s.mask) for s in samples_from_batch(decoded)]
@@ -120,7 +124,8 @@ def test_short_run_learns_and_scores_val_like_one_process(tmp_path: Path, ray_lo
     root = str(tmp_path / "shapes")
     write_synthetic(root, num_images=64, size=80, seed=0, val_fraction=0.25)
     out = str(tmp_path / "out")
-    config = TrainConfig(
+    config = make(
+        TrainConfig,
         dataset_uri=root,
         output_uri=out,
         run_id="learn",
@@ -141,7 +146,7 @@ def test_short_run_learns_and_scores_val_like_one_process(tmp_path: Path, ray_lo
     # confusion matrix the two ranks all-reduced during training.
     model, card = load_artifact(result.model_uri)
     val = samples_from_batch(
-        load_batch(load_manifest(root, "val"), config=DatasetConfig(require_masks=True))
+        load_batch(load_manifest(root, "val"), config=DatasetConfig(), require_masks=True)
     )
     assert len(val) == 16
     to_input = eval_transform()
@@ -250,7 +255,7 @@ def test_skips_experiment_trains_the_three_variants(tmp_path: Path, ray_local: N
 
 
 def test_bench_train_reports_three_ways_and_ratios(ray_local: None) -> None:
-    from pipeline.experiments import bench_train, format_bench_train
+    from pipeline.bench.train import bench_train, format_bench_train
 
     result = bench_train(num_images=8, size=32, batch_size=4, epochs=2, threads=2)
     for key in ("plain", "ray_1", "ray_2"):

@@ -1,4 +1,4 @@
-"""The bounded decoder (pipeline.decode) and the row-level reading of pipeline.datasets.
+"""The bounded decoder (pipeline.data.decode) and the row-level reading of pipeline.data.
 
 Everything here runs without Ray or a server: bytes built in memory, files in tmp_path.
 """
@@ -17,15 +17,8 @@ import pytest
 from PIL import Image
 
 from fcn.palette import encode_label_png
-from pipeline.datasets import (
-    DECODED_SCHEMA,
-    MANIFEST_SCHEMA,
-    DatasetConfig,
-    group_by_size,
-    load_batch,
-    samples_from_batch,
-)
-from pipeline.decode import (
+from pipeline.data.batches import samples_from_batch
+from pipeline.data.decode import (
     DEFAULT_MAX_PIXELS,
     DecodeError,
     check_formats,
@@ -33,6 +26,9 @@ from pipeline.decode import (
     decode_image,
     decode_mask,
 )
+from pipeline.data.layouts import MANIFEST_SCHEMA
+from pipeline.data.reading import DECODED_SCHEMA, DatasetConfig, load_batch
+from pipeline.segment.actor import group_by_size
 from tests.images import encode, png_claiming
 
 pytestmark = pytest.mark.unit
@@ -241,7 +237,7 @@ def test_load_batch_gives_one_row_per_input(tmp_path: Path) -> None:
             {"image_id": "dir", "image_uri": str(tmp_path)},
         ]
     )
-    out = load_batch(batch, config=DatasetConfig(require_masks=True), num_classes=2)
+    out = load_batch(batch, config=DatasetConfig(), num_classes=2, require_masks=True)
     assert out.schema == DECODED_SCHEMA
     rows = out.to_pylist()
     assert [r["image_id"] for r in rows] == ["good", "missing", "escape", "big", "no_mask", "dir"]
@@ -287,13 +283,10 @@ def test_dataset_config_is_validated() -> None:
     assert DatasetConfig(formats=("png",)).formats == ("PNG",)
     for kwargs in (
         {"layout": "coco"},
-        {"num_classes": 0},
-        {"num_classes": 256},
         {"formats": ("PNG", "XYZ")},
         {"max_pixels": 10**12},
-        {"batch_size": 0},
-        {"split": "../train"},
-        {"num_cpus": 0},
+        {"decode_batch_size": 0},
+        {"decode_cpus": 0},
         {"read_threads": 0},
     ):
         with pytest.raises(ValueError):

@@ -16,18 +16,20 @@ import torch
 
 from fcn.models import build_model
 from fcn.optim import build_optimizer, build_scheduler
+from pipeline.config import make
 from pipeline.faults import Faults, registered_epoch, wait_registered
 from pipeline.storage import StorageOptions
-from pipeline.train import TrainConfig, _Plan, restore, was_resumed
+from pipeline.train.config import TrainConfig
+from pipeline.train.worker import Plan, restore, was_resumed
 
 pytestmark = pytest.mark.unit
 
 
-def _plan(root: Path, epochs: int) -> _Plan:
-    config = TrainConfig(
-        dataset_uri=str(root / "data"), output_uri=str(root / "out"), epochs=epochs
+def _plan(root: Path, epochs: int) -> Plan:
+    config = make(
+        TrainConfig, dataset_uri=str(root / "data"), output_uri=str(root / "out"), epochs=epochs
     )
-    return _Plan(
+    return Plan(
         config=config,
         run_id="r",
         num_classes=3,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcn.losses import SegmentationLoss, segmentation_loss
+from fcn.losses import SegmentationLoss, median_frequency_weights, segmentation_loss
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +100,10 @@ def test_bad_inputs_raise() -> None:
         segmentation_loss(logits, target.transpose(1, 2))
     with pytest.raises(TypeError, match="integer"):
         segmentation_loss(logits, target.float())
+
+
+def test_median_frequency_weights() -> None:
+    # Frequencies 0.5, 0.25, 0.25, 0: median of the seen ones 0.25; unseen classes get 1.
+    weights = median_frequency_weights([200, 100, 100, 0])
+    assert weights == pytest.approx((0.5, 1.0, 1.0, 1.0))
+    assert median_frequency_weights([0, 0]) == (1.0, 1.0)  # nothing labelled: no weighting

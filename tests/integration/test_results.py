@@ -1,4 +1,4 @@
-"""pipeline.report: SQL over committed runs, run summaries, per-image scores, overlays, HTML.
+"""pipeline.results: SQL over committed runs, run summaries, per-image scores, overlays, HTML.
 
 The runs come from :mod:`tests.results`: a segment run whose predictions are exact for most
 images, half wrong for one and wrong everywhere for another, a train run with training rows,
@@ -24,17 +24,10 @@ from PIL import Image
 
 from fcn.palette import decode_label_png, overlay
 from fcn.synthetic import CLASS_NAMES
-from pipeline.decode import decode_image, decode_mask
-from pipeline.report import (
-    ImageNotFoundError,
-    NoRunsError,
-    QueryError,
-    Results,
-    encode_result,
-    overlay_panel,
-    query,
-    write_html_report,
-)
+from pipeline.data.decode import decode_image, decode_mask
+from pipeline.results.html import overlay_panel, write_html_report
+from pipeline.results.output import encode_result
+from pipeline.results.reader import ImageNotFoundError, NoRunsError, QueryError, Results, query
 from pipeline.storage import join, read_bytes, resolve
 from pipeline.tables import RunNotCommittedError, RunWriter
 from tests.results import (
@@ -212,7 +205,7 @@ def test_overlay_panel_is_image_ground_truth_prediction(
     label = decode_label_png(prediction)
     image, mask = _image_and_mask(built, built.wrong)
 
-    panel = overlay_panel(built.out, SEGMENT_RUN, built.wrong, alpha=0.6)
+    panel = overlay_panel(Results(built.out), SEGMENT_RUN, built.wrong, alpha=0.6)
     assert panel.has_ground_truth and panel.image_id == built.wrong
     assert panel.mean_iou == 0.0
     assert panel.pixels.shape == (SIZE, 3 * SIZE, 3) and panel.pixels.dtype == np.uint8
@@ -222,7 +215,7 @@ def test_overlay_panel_is_image_ground_truth_prediction(
     np.testing.assert_array_equal(right, overlay(image, label, 0.6))
     assert not np.array_equal(middle, right)  # this image is predicted wrong
 
-    exact = results.panel(SEGMENT_RUN, built.exact[0])
+    exact = overlay_panel(results, SEGMENT_RUN, built.exact[0])
     _, middle, right = np.split(exact.pixels, 3, axis=1)
     labelled = _image_and_mask(built, built.exact[0])[1] != 255
     np.testing.assert_array_equal(middle[labelled], right[labelled])
@@ -273,14 +266,14 @@ def test_overlay_without_a_mask_is_image_and_prediction(
         ],
     )
     run.commit()
-    panel = overlay_panel(out, "segment-photos", image_id)
+    panel = overlay_panel(Results(out), "segment-photos", image_id)
     assert not panel.has_ground_truth and panel.mean_iou is None
     assert panel.pixels.shape == (SIZE, 2 * SIZE, 3)
     image = decode_image((images / f"{image_id}.jpg").read_bytes())
     np.testing.assert_array_equal(panel.pixels[:, :SIZE], image)
     np.testing.assert_array_equal(panel.pixels[:, SIZE:], overlay(image, label, 0.6))
 
-    html = write_html_report(out, "segment-photos", str(tmp_path / "photos.html"))
+    html = write_html_report(Results(out), "segment-photos", str(tmp_path / "photos.html"))
     text = Path(html).read_text()
     assert text.count('class="overlay"') == 1 and "No per-image scores" in text
 
@@ -293,11 +286,11 @@ def _png(label: np.ndarray) -> bytes:
 
 def test_show_names_an_unknown_or_failed_image(built: BuiltResults, results: Results) -> None:
     with pytest.raises(ImageNotFoundError, match=r"'nope'.*" + SEGMENT_RUN):
-        results.panel(SEGMENT_RUN, "nope")
+        overlay_panel(results, SEGMENT_RUN, "nope")
     with pytest.raises(ImageNotFoundError, match=r"failed.*decode_image.*truncated"):
-        results.panel(SEGMENT_RUN, BROKEN_ID)
+        overlay_panel(results, SEGMENT_RUN, BROKEN_ID)
     with pytest.raises(ImageNotFoundError, match=r"no predictions.*train run"):
-        results.panel(TRAIN_RUN, built.exact[0])
+        overlay_panel(results, TRAIN_RUN, built.exact[0])
 
 
 # ----------------------------------------------------------------------------- output formats
@@ -354,7 +347,7 @@ def _data_uri_pngs(text: str) -> list[Image.Image]:
 
 def test_html_report_is_self_contained(built: BuiltResults, tmp_path: Path) -> None:
     target = tmp_path / "report.html"
-    written = write_html_report(built.out, SEGMENT_RUN, str(target), num_images=2)
+    written = write_html_report(Results(built.out), SEGMENT_RUN, str(target), num_images=2)
     assert resolve(written).uri == str(target)
     text = target.read_text()
     assert text.startswith("<!DOCTYPE html>")
@@ -393,7 +386,9 @@ def test_html_report_is_self_contained(built: BuiltResults, tmp_path: Path) -> N
 def test_html_report_of_a_train_run_has_curves_and_no_overlays(
     built: BuiltResults, tmp_path: Path
 ) -> None:
-    text = Path(write_html_report(built.out, TRAIN_RUN, str(tmp_path / "t.html"))).read_text()
+    text = Path(
+        write_html_report(Results(built.out), TRAIN_RUN, str(tmp_path / "t.html"))
+    ).read_text()
     assert 'id="class-iou-chart"' in text and 'id="training-curves"' in text
     assert 'class="overlay"' not in text
     assert math.isclose(VAL_MEAN_IOU[-1], 0.72) and "0.720" in text
@@ -409,8 +404,8 @@ def test_query_summary_and_overlay_on_s3(s3_env: object, bucket: str, tmp_path: 
     count = results.query("SELECT count(*) AS n FROM predictions")["n"][0].as_py()
     assert count == 4
     assert results.summary(SEGMENT_RUN).training_run_id == TRAIN_RUN
-    panel = results.panel(SEGMENT_RUN, built.wrong)
+    panel = overlay_panel(results, SEGMENT_RUN, built.wrong)
     assert panel.has_ground_truth and panel.pixels.shape == (SIZE, 3 * SIZE, 3)
     target = f"s3://{bucket}/reports/r.html"
-    assert write_html_report(built.out, SEGMENT_RUN, target) == target
+    assert write_html_report(Results(built.out), SEGMENT_RUN, target) == target
     assert b'id="class-iou-chart"' in read_bytes(target)

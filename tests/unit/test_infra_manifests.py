@@ -422,8 +422,8 @@ def _entrypoint_config(kind: str) -> Any:
     import ray.data
     import typer
 
-    import pipeline.infer
-    import pipeline.train
+    import pipeline.segment.driver
+    import pipeline.train.driver
     from flows.cli import app
 
     argv = shlex.split(_rayjob(kind)["spec"]["entrypoint"])
@@ -433,8 +433,8 @@ def _entrypoint_config(kind: str) -> Any:
         raise _Ran(config)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline.train, "train", ran)
-        patch.setattr(pipeline.infer, "segment", ran)
+        patch.setattr(pipeline.train.driver, "train", ran)
+        patch.setattr(pipeline.segment.driver, "segment", ran)
         # `fcnpipe segment` configures Ray Data's progress bars: not in this process's context.
         patch.setattr(ray.data.DataContext, "get_current", staticmethod(SimpleNamespace))
         command = typer.main.get_command(app)
@@ -447,12 +447,12 @@ def _entrypoint_config(kind: str) -> Any:
 
 @pytest.mark.parametrize("kind", list(RAYJOBS))
 def test_rayjob_entrypoint_is_a_valid_fcnpipe_command(kind: str) -> None:
-    from pipeline.infer import SegmentConfig
-    from pipeline.train import TrainConfig
+    from pipeline.segment.config import SegmentConfig
+    from pipeline.train.config import TrainConfig
 
     config = _entrypoint_config(kind)
     assert isinstance(config, TrainConfig if kind == "train" else SegmentConfig)
-    assert config.use_gpu  # what the cluster's GPU group is for
+    assert config.scaling.use_gpu  # what the cluster's GPU group is for
     # A fixed run id: the RayJob's retry (backoffLimit) resumes the run instead of a new one.
     assert config.run_id is not None
     assert config.output_uri.startswith("s3://")
@@ -483,18 +483,19 @@ def _gpu_pod() -> tuple[int, int, float, int]:
 
 
 def _check_fits_the_cluster(where: str, kind: str, config: Any) -> None:
-    if not config.use_gpu:
+    scaling = config.scaling
+    if not scaling.use_gpu:
         return
     min_pods, max_pods, cpus, gpus = _gpu_pod()
     if kind == "train":  # one GPU per DDP rank, its CPUs on the same pod
-        assert config.num_workers <= max_pods * gpus, where
-        assert (config.cpus_per_worker or 1.0) <= cpus, where
+        assert scaling.num_workers <= max_pods * gpus, where
+        assert (scaling.cpus_per_worker or 1.0) <= cpus, where
     else:
-        assert config.actors * config.gpus_per_actor <= max_pods * gpus, where
-        assert config.cpus_per_actor <= cpus, where
+        assert scaling.actors * scaling.gpus_per_actor <= max_pods * gpus, where
+        assert scaling.cpus_per_actor <= cpus, where
         # `fcnpipe segment --use-gpu` refuses a cluster without a GPU when it starts
-        # (pipeline.infer._check_fits): one GPU pod must always be up.
-        assert min_pods * gpus >= config.gpus_per_actor, where
+        # (pipeline.segment.driver._check_fits): one GPU pod must always be up.
+        assert min_pods * gpus >= scaling.gpus_per_actor, where
 
 
 @pytest.mark.parametrize("kind", list(RAYJOBS))
@@ -602,8 +603,9 @@ def test_prefect_worker_polls_the_work_pool_the_deployments_name() -> None:
 def test_prefect_deployments_name_real_flows_with_valid_parameters() -> None:
     from prefect import Flow
 
-    from pipeline.jobs import config_from_json
-    from pipeline.train import TrainConfig
+    from pipeline.config import from_json
+    from pipeline.jobs import config_class
+    from pipeline.train.config import TrainConfig
 
     for deployment in _deployments():
         flow = _flow(deployment["entrypoint"])
@@ -614,7 +616,7 @@ def test_prefect_deployments_name_real_flows_with_valid_parameters() -> None:
         is_train = typing.get_type_hints(flow.fn)["config"] is TrainConfig
         kind: Literal["train", "segment"] = "train" if is_train else "segment"
         # The same validation Prefect's parameter check and the Ray Job apply.
-        config = config_from_json(kind, json.dumps(parameters["config"]))
+        config = from_json(config_class(kind), json.dumps(parameters["config"]))
         _check_fits_the_cluster(f"prefect.yaml {deployment['name']}", kind, config)
 
 

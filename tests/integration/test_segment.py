@@ -1,4 +1,4 @@
-"""pipeline.infer on a real local Ray (actor pool) and real storage (local files and S3).
+"""pipeline.segment on a real local Ray (actor pool) and real storage (local files and S3).
 
 What a user relies on: every input object ends in exactly one of predictions or errors;
 the label maps are the model's argmax; the run's metrics are what one recomputes from the
@@ -28,15 +28,14 @@ from fcn.synthetic import CLASS_NAMES
 from fcn.transforms import eval_transform
 from infra.local.seaweedfs import SeaweedS3
 from pipeline.artifacts import ModelCard, save_model
-from pipeline.datasets import (
-    DatasetConfig,
-    load_batch,
-    load_manifest,
-    samples_from_batch,
-    write_synthetic,
-)
+from pipeline.config import make
+from pipeline.data.batches import samples_from_batch
+from pipeline.data.layouts import load_manifest
+from pipeline.data.reading import DatasetConfig, load_batch
+from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults
-from pipeline.infer import SegmentConfig, segment
+from pipeline.segment.config import SegmentConfig
+from pipeline.segment.driver import segment
 from pipeline.storage import join, list_files, read_bytes, write_bytes
 from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
 from tests.cli import FCNPIPE
@@ -82,7 +81,8 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
     out = join(storage_root, "out")
     mirror = join(storage_root, "pngs")
     result = segment(
-        SegmentConfig(
+        make(
+            SegmentConfig,
             input_uri=data,
             model_uri=model_uri,
             output_uri=out,
@@ -162,7 +162,8 @@ def test_images_only_prefix_and_overwrite(tmp_path: Path, ray_local: None) -> No
         write_bytes(join(images_only, "a", info.relpath), read_bytes(info.uri))
     model_uri = _model(str(tmp_path))
     out = str(tmp_path / "out")
-    config = SegmentConfig(
+    config = make(
+        SegmentConfig,
         input_uri=images_only,
         model_uri=model_uri,
         output_uri=out,
@@ -210,7 +211,7 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     shutil.rmtree(ray_tmp, ignore_errors=True)
     # The reference: the same job never cut, in this process (on the session's Ray).
     segment(
-        SegmentConfig(
+        make(SegmentConfig,
             input_uri=data, model_uri=model_uri, output_uri=out, run_id="whole", batch_size=2,
             rows_per_file=2, cpus_per_actor=0.5,
         )
@@ -227,11 +228,16 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     assert crash_cm == read_table(out, "class_metrics", ["whole"]).num_rows
 
 
-def test_bench_segment_reports_speed_stages_and_memory(ray_local: None) -> None:
-    from pipeline.experiments import bench_segment, format_bench_segment
+def test_bench_segment_reports_speed_stages_and_memory(ray_local: None, tmp_path: Path) -> None:
+    from pipeline.bench.segment import bench_segment, format_bench_segment
 
     result = bench_segment(
-        num_images=3, size=32, model="fcn32s_resnet18", scale=2, memory_size=32, use_s3=False
+        num_images=3,
+        size=32,
+        model="fcn32s_resnet18",
+        scale=2,
+        memory_size=32,
+        root=str(tmp_path / "bench"),
     )
     assert result["bare"] > 0 and result["full"] > 0
     assert result["ratio"] == pytest.approx(result["full"] / result["bare"])
@@ -256,7 +262,8 @@ def test_s3_restart_mid_run_is_retried(
     def run() -> None:
         try:
             outcome["result"] = segment(
-                SegmentConfig(
+                make(
+                    SegmentConfig,
                     input_uri=data,
                     model_uri=model_uri,
                     output_uri=out,

@@ -1,0 +1,172 @@
+"""``fcnpipe bench read | train | segment`` and ``fcnpipe experiment skips``.
+
+The benchmarks that read from S3 start a SeaweedFS server of their own on 127.0.0.1 (random
+credentials, stopped after) unless given URIs: that development helper lives in
+``infra.local``, which only this entry tree imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flows.cli.common import NumCpus, S3Endpoint, bench_app, experiment_app, storage_options
+from pipeline.errors import ConfigError
+
+__all__: list[str] = []
+
+
+@contextlib.contextmanager
+def _scratch_root(tmp: Path, use_s3: bool) -> Iterator[str]:
+    """A scratch URI for a benchmark: a local S3 server's bucket, or a local directory."""
+    if not use_s3:
+        yield str(tmp / "local")
+        return
+    from infra.local.seaweedfs import scratch_s3
+
+    with scratch_s3(tmp / "s3", "bench"):  # before Ray starts: its workers inherit the env
+        yield "s3://bench"
+
+
+@bench_app.command("read")
+def bench_read(
+    local_uri: Annotated[
+        str | None, typer.Option(help="Local dataset root (default: a synthetic one).")
+    ] = None,
+    s3_uri: Annotated[
+        str | None,
+        typer.Option(help="The same dataset on S3 (default: copy to a local SeaweedFS server)."),
+    ] = None,
+    num_images: Annotated[int, typer.Option(min=1, help="Images read from each.")] = 200,
+    size: Annotated[int, typer.Option(min=8, help="Side of the synthetic images.")] = 256,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Read and decode the same images from local disk and from S3; print images/s and MB/s.
+
+    With no URIs it writes a synthetic dataset to a temporary directory and to a
+    SeaweedFS server it starts on 127.0.0.1 (random credentials), and stops it after.
+    """
+    import ray
+
+    from pipeline.bench.read import bench_read as run_bench
+    from pipeline.bench.read import format_bench
+    from pipeline.data.reading import DatasetConfig
+    from pipeline.data.synthetic import write_synthetic
+
+    if (local_uri is None) != (s3_uri is None):
+        raise ConfigError("give both --local-uri and --s3-uri (the same dataset twice), or neither")
+    config = DatasetConfig(storage=storage_options(s3_endpoint))
+    with tempfile.TemporaryDirectory(prefix="fcnpipe-bench-") as tmp:
+        if local_uri is not None and s3_uri is not None:
+            result = run_bench(local_uri, s3_uri, num_images=num_images, config=config)
+        else:  # the same synthetic bytes on local disk and a local S3 server
+            local_uri = str(Path(tmp) / "local")
+            write_synthetic(local_uri, num_images=num_images, size=size)
+            with _scratch_root(Path(tmp), use_s3=True) as root:
+                s3_uri = f"{root}/data"
+                write_synthetic(s3_uri, num_images=num_images, size=size)
+                try:
+                    result = run_bench(local_uri, s3_uri, num_images=num_images, config=config)
+                finally:
+                    ray.shutdown()
+    typer.echo(format_bench(result))
+
+
+@bench_app.command("train")
+def bench_train(
+    num_images: Annotated[int, typer.Option(min=4, help="Synthetic training images.")] = 64,
+    size: Annotated[int, typer.Option(min=32, help="Image side (crops are whole images).")] = 96,
+    model: Annotated[str, typer.Option(help="Model name, e.g. fcn8s_resnet18.")] = "fcn8s_resnet18",
+    batch_size: Annotated[int, typer.Option(min=2, help="Global batch.")] = 8,
+    epochs: Annotated[int, typer.Option(min=2, help="Epochs per way (first one excluded).")] = 3,
+    threads: Annotated[int, typer.Option(min=2, help="torch threads in all.")] = 2,
+) -> None:
+    """Training images/s: plain PyTorch vs Ray Train 1 worker vs 2 DDP workers, one run."""
+    from pipeline.bench.train import bench_train as run_bench
+    from pipeline.bench.train import format_bench_train
+
+    result = run_bench(
+        num_images=num_images,
+        size=size,
+        model=model,
+        batch_size=batch_size,
+        epochs=epochs,
+        threads=threads,
+        echo=typer.echo,
+    )
+    typer.echo(format_bench_train(result))
+
+
+@bench_app.command("segment")
+def bench_segment(
+    num_images: Annotated[int, typer.Option(min=2, help="Images of the speed runs.")] = 48,
+    size: Annotated[int, typer.Option(min=32, help="Their side.")] = 320,
+    model: Annotated[str, typer.Option(help="Model of the speed runs.")] = "fcn8s_vgg16",
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (loop and actor).")] = 2,
+    scale: Annotated[int, typer.Option(min=2, help="Image-count factor of the memory run.")] = 10,
+    local: Annotated[bool, typer.Option(help="Read local files instead of a local S3.")] = False,
+) -> None:
+    """Segmentation images/s: bare model loop vs the whole pipeline; peak memory at scale."""
+    from pipeline.bench.segment import bench_segment as run_bench
+    from pipeline.bench.segment import format_bench_segment
+
+    with (
+        tempfile.TemporaryDirectory(prefix="fcnpipe-bench-seg-") as tmp,
+        _scratch_root(Path(tmp), use_s3=not local) as root,
+    ):
+        result = run_bench(
+            num_images=num_images,
+            size=size,
+            model=model,
+            threads=threads,
+            scale=scale,
+            root=root,
+            echo=typer.echo,
+        )
+    typer.echo(format_bench_segment(result))
+
+
+@experiment_app.command("skips")
+def experiment_skips(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output root of the runs.")],
+    dataset_uri: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset (default: synthetic shapes).")
+    ] = None,
+    num_images: Annotated[int, typer.Option(min=8, help="Synthetic images.")] = 400,
+    size: Annotated[int, typer.Option(min=32, help="Synthetic image side.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per variant.")] = 12,
+    backbone: Annotated[str, typer.Option(help="Backbone of all three.")] = "resnet18",
+    num_workers: Annotated[int, typer.Option(min=1, help="DDP workers per run.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of data and runs.")] = 0,
+    num_cpus: NumCpus = None,
+) -> None:
+    """FCN-32s vs FCN-16s vs FCN-8s, same backbone, budget and data: the paper's Table 2."""
+    from pipeline.cluster import ensure_ray
+    from pipeline.experiments import SkipsExperiment, run_skips
+    from pipeline.results.output import print_paper_table
+
+    experiment = SkipsExperiment(
+        output_uri=output,
+        dataset_uri=dataset_uri,
+        num_images=num_images,
+        size=size,
+        epochs=epochs,
+        backbone=backbone,
+        num_workers=num_workers,
+        seed=seed,
+    )
+    ensure_ray(num_cpus=num_cpus)
+    results = run_skips(experiment, echo=typer.echo)
+    print_paper_table(
+        Console(),
+        {f"{head}_{backbone}": result.scores for head, result in results.items()},
+        title=f"skip architectures, val split, {epochs} epochs each",
+    )
+    for head, result in results.items():
+        typer.echo(f"{head}: {result.model_uri} ({result.seconds:.0f} s)")

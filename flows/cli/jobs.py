@@ -1,0 +1,120 @@
+"""``fcnpipe train`` and ``fcnpipe segment``: one job each, on embedded Ray or a cluster.
+
+Their options are generated from ``TrainConfig`` and ``SegmentConfig`` (one per field, help
+from the field's docstring; ``--set FIELD=VALUE`` for any field), so these commands, the
+Prefect flows and the Ray Jobs take the very same configuration. Hidden options arm the test
+hooks of :mod:`pipeline.faults`, which are never part of a configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from flows.cli.common import NumCpus, app
+from flows.cli.options import config_command
+from pipeline.errors import ConfigError
+from pipeline.faults import Faults
+from pipeline.segment.config import SegmentConfig
+from pipeline.storage import join
+from pipeline.train.config import TrainConfig
+
+__all__: list[str] = []
+
+OUTPUT = {"output_uri": ("--output", "-o")}
+
+FailAt = Annotated[
+    str | None,
+    typer.Option(hidden=True, help="Testing: RANK:EPOCH:STEP[:stall] fails a rank."),
+]
+FailAfter = Annotated[
+    int | None, typer.Option(hidden=True, help="Testing: exit after N predictions.")
+]
+StallActorsAfter = Annotated[
+    int | None, typer.Option(hidden=True, help="Testing: actors stall after N batches.")
+]
+FaultDir = Annotated[
+    str | None, typer.Option(hidden=True, help="Testing: marker directory of the faults.")
+]
+
+
+def _faults(config: TrainConfig | SegmentConfig, fault_dir: str | None, **hooks: Any) -> Faults:
+    """The hidden test hooks, their markers under ``--fault-dir`` (default
+    ``OUTPUT/_faults/RUN_ID``)."""
+    if fault_dir is None and config.run_id is None:
+        raise ConfigError("fault injection needs --run-id or --fault-dir")
+    root = fault_dir or join(config.output_uri, "_faults", str(config.run_id))
+    return Faults(root=root, storage=config.data.read.storage.with_environment(), **hooks)
+
+
+@config_command(app, "train", TrainConfig, arguments=["dataset_uri"], names=OUTPUT)
+def train(
+    config: TrainConfig,
+    *,
+    num_cpus: NumCpus = None,
+    fail_at: FailAt = None,
+    fault_dir: FaultDir = None,
+) -> None:
+    """Train an FCN with DDP on Ray Train; write the model artifact and the run's tables.
+
+    Checkpoints go to OUTPUT/checkpoints/RUN_ID each epoch; rerunning with the same --run-id
+    after a crash resumes from the latest one.
+    """
+    from pipeline.artifacts import load_card
+    from pipeline.results.output import print_class_iou, print_paper_table
+    from pipeline.train.driver import train as run_train
+
+    faults = None
+    if fail_at is not None:
+        train_at, stall = Faults.parse_train_at(fail_at)
+        faults = _faults(config, fault_dir, train_at=train_at, train_stall=stall)
+    result = run_train(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
+    if result.scores:
+        console = Console()
+        label = f"{config.model.name} (epoch {result.epoch + 1})"
+        print_paper_table(console, {label: result.scores}, title=f"val split, run {result.run_id}")
+        class_names = load_card(result.model_uri, config.data.read.storage).class_names
+        print_class_iou(console, list(result.scores["iou"]), class_names)
+    typer.echo(f"model: {result.model_uri}")
+    typer.echo(f"trained in {result.seconds:.0f} s{' (resumed)' if result.resumed else ''}")
+
+
+@config_command(
+    app,
+    "segment",
+    SegmentConfig,
+    arguments=["input_uri"],
+    names={**OUTPUT, "model_uri": ("--model", "-m")},
+)
+def segment(
+    config: SegmentConfig,
+    *,
+    num_cpus: NumCpus = None,
+    fail_after: FailAfter = None,
+    stall_actors_after: StallActorsAfter = None,
+    fault_dir: FaultDir = None,
+) -> None:
+    """Segment every image under INPUT_URI into label maps and metrics tables under OUTPUT."""
+    import ray.data
+
+    from pipeline.results.output import print_class_iou, print_paper_table
+    from pipeline.segment.driver import segment as run_segment
+
+    faults = None
+    if fail_after is not None or stall_actors_after is not None:
+        faults = _faults(
+            config, fault_dir, driver_exit_after=fail_after, actor_stall_after=stall_actors_after
+        )
+    # Ray Data's rich progress bars (its tqdm ones need tqdm, which is not installed).
+    context = ray.data.DataContext.get_current()
+    context.enable_rich_progress_bars = True
+    context.use_ray_tqdm = False
+    result = run_segment(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
+    if result.scores is not None:
+        console = Console()
+        print_paper_table(
+            console, {result.run_id: result.scores}, title="images with masks", label="run"
+        )
+        print_class_iou(console, result.scores["iou"], result.class_names)

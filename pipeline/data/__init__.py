@@ -1,0 +1,1 @@
+"""Datasets: layouts and manifests, bounded decoding, Ray Data reading, batches, synthetic data."""

@@ -1,0 +1,173 @@
+"""The inference actor: the model loaded once, decoded rows in, one prediction or error row out
+per input row.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.data.batches import Sample, samples_from_batch
+from pipeline.faults import Faults
+from pipeline.storage import StorageOptions
+
+__all__ = ["COUNTS", "SEGMENT_OUTPUT", "ActorPlan", "Segmenter", "group_by_size"]
+
+SEGMENT_OUTPUT = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("label_map", pa.binary()),
+        pa.field("class_pixel_counts", pa.list_(pa.int64())),
+        pa.field("latency_ms", pa.float64()),
+        # Per-class counts of the image's confusion matrix (null without a mask):
+        pa.field("gt_pixels", pa.list_(pa.int64())),
+        pa.field("pred_pixels", pa.list_(pa.int64())),
+        pa.field("intersection", pa.list_(pa.int64())),
+        pa.field("union", pa.list_(pa.int64())),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+"""What a :class:`Segmenter` returns: one row per input row, a prediction or an error."""
+
+
+COUNTS = ("gt_pixels", "pred_pixels", "intersection", "union")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActorPlan:
+    model_uri: str
+    num_classes: int
+    threads: int
+    use_gpu: bool
+    resize: int | None
+    palette: bool
+    write_png: str | None
+    storage: StorageOptions
+    faults: Faults | None = None
+
+
+def group_by_size(samples: Iterable[Sample], *, max_batch: int) -> list[list[Sample]]:
+    """Group samples of equal (H, W), in first-seen order, into batches of at most max_batch.
+
+    The model runs one batch per group: images keep their own size, so only equal sizes
+    stack.
+
+    Args:
+        samples: Samples of any sizes.
+        max_batch: Largest group.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    groups: dict[tuple[int, int], list[list[Sample]]] = {}
+    for sample in samples:
+        key = (sample.image.shape[0], sample.image.shape[1])
+        runs = groups.setdefault(key, [[]])
+        if len(runs[-1]) == max_batch:
+            runs.append([])
+        runs[-1].append(sample)
+    return [run for runs in groups.values() for run in runs]
+
+
+class Segmenter:
+    """A Ray Data actor: the model loaded once, decoded rows in, prediction rows out.
+
+    Args:
+        plan: What to load and how to run it.
+    """
+
+    def __init__(self, plan: ActorPlan) -> None:
+        import torch
+
+        from fcn.transforms import eval_transform
+        from pipeline.artifacts import load_artifact
+
+        torch.set_num_threads(plan.threads)
+        self.plan = plan
+        self.device = torch.device("cuda" if plan.use_gpu else "cpu")
+        self.model, card = load_artifact(plan.model_uri, device=self.device, options=plan.storage)
+        self.to_input = eval_transform(normalization=card.normalization_name)
+        self.mirror = (
+            None if plan.write_png is None else storage.resolve(plan.write_png, plan.storage)
+        )
+        self.calls = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Segment one batch of decoded rows; errors pass through as error rows."""
+        import torch
+
+        from fcn.metrics import confusion_matrix, per_class_counts
+        from fcn.palette import encode_label_png
+
+        faults = self.plan.faults
+        if faults is not None and faults.actor_stall_after == self.calls:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            faults.stall(f"actor-{os.getpid()}", node_id=node)
+        self.calls += 1
+        n = self.plan.num_classes
+        rows = batch.select(["image_id", "image_uri", "error_stage", "error_type", "error_message"])
+        out: dict[str, list[Any]] = {name: [None] * batch.num_rows for name in SEGMENT_OUTPUT.names}
+        index = {image_id: i for i, image_id in enumerate(rows["image_id"].to_pylist())}
+        for i, row in enumerate(rows.to_pylist()):
+            out["image_id"][i] = row["image_id"]
+            out["image_uri"][i] = row["image_uri"]
+            out["stage"][i] = row["error_stage"]
+            out["error_type"][i] = row["error_type"]
+            out["message"][i] = row["error_message"]
+        samples = samples_from_batch(batch)
+        for group in group_by_size(samples, max_batch=max(1, len(samples))):
+            began = time.perf_counter()
+            try:
+                inputs = torch.stack([self.to_input(s.image, None)[0] for s in group])
+                labels = self._predict(inputs.to(self.device)).cpu().numpy().astype(np.uint8)
+            except Exception as exc:  # e.g. out of memory on one huge image: not the batch
+                for s in group:
+                    i = index[s.image_id]
+                    out["stage"][i], out["error_type"][i] = "infer", type(exc).__name__
+                    out["message"][i] = f"{s.image_uri}: inference failed: {exc}"
+                continue
+            latency = (time.perf_counter() - began) * 1000 / len(group)
+            for sample, label in zip(group, labels, strict=True):
+                i = index[sample.image_id]
+                png = encode_label_png(label, palette=self.plan.palette)
+                out["height"][i], out["width"][i] = label.shape
+                out["label_map"][i] = png
+                out["class_pixel_counts"][i] = np.bincount(label.ravel(), minlength=n)[:n].tolist()
+                out["latency_ms"][i] = latency
+                if sample.mask is not None:
+                    counts = per_class_counts(confusion_matrix(label, sample.mask, n))
+                    for name in COUNTS:
+                        out[name][i] = counts[name].tolist()
+                if self.mirror is not None:
+                    storage.write_bytes(self.mirror.join(f"{sample.image_id}.png"), png)
+        return pa.table(out, schema=SEGMENT_OUTPUT)
+
+    def _predict(self, images: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            size = images.shape[-2:]
+            if self.plan.resize is not None and max(size) != self.plan.resize:
+                scale = self.plan.resize / max(size)
+                small = [max(1, round(side * scale)) for side in size]
+                inputs = F.interpolate(images, size=small, mode="bilinear", align_corners=False)
+                logits = F.interpolate(
+                    self.model(inputs), size=list(size), mode="bilinear", align_corners=False
+                )
+            else:
+                logits = self.model(images)
+            return logits.argmax(1)

@@ -1,0 +1,119 @@
+"""The segmentation job's configuration: which images, which model, where, how wide.
+
+``SegmentConfig`` holds the job's identity (input, model, output root, run id) and three
+sections: ``data`` (which images, at what size, read how), ``scaling`` (actors, devices,
+batches) and ``output`` (what is written besides the tables). See :mod:`pipeline.config` for
+how the CLI, the flows and Ray Jobs share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pipeline.config import FORBID
+from pipeline.data.reading import DatasetConfig
+from pipeline.errors import ConfigError
+from pipeline.tables import validate_run_id
+
+__all__ = ["SegmentConfig", "SegmentData", "SegmentOutput", "SegmentScaling"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentData:
+    """Which images, at what size, read how."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = FORBID
+
+    split: str | None = None
+    """Only this split (e.g. ``val``); None: every image."""
+    resize: int | None = None
+    """Run the model with the longer image side scaled to this, then upsample the scores
+    back: label maps are always at the image's own size. None: no resizing."""
+    read: DatasetConfig = field(default_factory=DatasetConfig)
+    """Reading and decoding options (limits, layout, storage)."""
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and self.resize < 8:
+            raise ConfigError(f"resize must be >= 8 pixels, got {self.resize}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentScaling:
+    """How many inference actors, on what, with how many images per call."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = FORBID
+
+    actors: int = 1
+    """Inference actors in the pool."""
+    batch_size: int = 8
+    """Images per actor call (images of equal size run as one batch)."""
+    use_gpu: bool = False
+    """Give each actor a GPU (``gpus_per_actor``)."""
+    gpus_per_actor: float = 1.0
+    """GPUs per actor with ``use_gpu`` (fractions share a GPU)."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves per actor."""
+    threads_per_actor: int | None = None
+    """torch threads per actor; None: its CPUs (at least 1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0 or (self.use_gpu and self.gpus_per_actor <= 0):
+            raise ConfigError("cpus_per_actor (and gpus_per_actor with use_gpu) must be > 0")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise ConfigError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
+
+    @property
+    def threads(self) -> int:
+        """torch threads per actor."""
+        return self.threads_per_actor or max(1, int(self.cpus_per_actor))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentOutput:
+    """What is written besides the tables, and how the tables' files are cut."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = FORBID
+
+    palette: bool = False
+    """Write label-map PNGs with the VOC colour palette (pixel values are still class ids)."""
+    write_png: str | None = None
+    """Also write each label map as ``<write_png>/<image_id>.png``."""
+    rows_per_file: int = 2000
+    """Rows per Parquet file (also what a crash can cost: unflushed rows are redone)."""
+
+    def __post_init__(self) -> None:
+        if self.rows_per_file < 1:
+            raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentConfig:
+    """One segmentation job: which images, which model, where the tables go, how wide."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = FORBID
+
+    input_uri: str
+    """Dataset root (VOC, images/ + masks/, or any prefix of images) or a manifest."""
+    model_uri: str
+    """Model artifact (``OUT/models/<run_id>``) to segment with."""
+    output_uri: str
+    """Output root of the tables."""
+    run_id: str | None = None
+    """Run id (a letter, then letters, digits, ``._-``); None: a new one. The same id completes
+    a crashed run."""
+    overwrite: bool = False
+    """Replace a committed run with the same id."""
+    data: SegmentData = field(default_factory=SegmentData)
+    """Which images, at what size, read how."""
+    scaling: SegmentScaling = field(default_factory=SegmentScaling)
+    """Actors, devices, batches."""
+    output: SegmentOutput = field(default_factory=SegmentOutput)
+    """What is written besides the tables."""
+
+    def __post_init__(self) -> None:
+        if self.run_id is not None:
+            validate_run_id(self.run_id)

@@ -1,0 +1,2 @@
+"""Distributed training: configuration (``config``), the driver (``driver``) and one rank
+(``worker``)."""
