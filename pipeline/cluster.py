@@ -11,7 +11,18 @@ import os
 
 import ray
 
-__all__ = ["ensure_ray"]
+__all__ = ["WORKER_ENV", "ensure_ray"]
+
+WORKER_ENV: dict[str, str] = {
+    # glibc's malloc hands every freed block above its mmap threshold (dynamic, at most 32 MB)
+    # back to the OS and maps fresh pages on the next request, so an FCN's activations (tens
+    # of MB an image) page-fault in again on every forward pass. Kept in the heap instead,
+    # FCN-8s ResNet-18 at 512 px runs 1.4x faster (140 -> 99 ms, fp32), FCN-8s VGG16 at 500 px
+    # 1.4-1.5x (measured; README). The price: a process keeps its peak heap.
+    "MALLOC_MMAP_THRESHOLD_": str(2**32),
+    "MALLOC_TRIM_THRESHOLD_": str(2**32),
+}
+"""Environment of every Ray worker of a job (set through the job's ``runtime_env``)."""
 
 # Ray Train waits this long for its worker group (default 60 s): a loaded 2-core machine
 # starting several Python processes that import torch can take longer. Train propagates
@@ -42,8 +53,9 @@ def ensure_ray(*, num_cpus: int | None = None, address: str | None = None) -> No
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": WORKER_ENV}
     if target:
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=True, runtime_env=runtime_env)
     else:
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls
         # (without it, it warns every few seconds); on loopback only.
@@ -52,4 +64,5 @@ def ensure_ray(*, num_cpus: int | None = None, address: str | None = None) -> No
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             log_to_driver=True,
+            runtime_env=runtime_env,
         )

@@ -165,6 +165,8 @@ RUNS = pa.schema(
         _required("started_at", pa.timestamp("us", tz="UTC")),
         _required("finished_at", pa.timestamp("us", tz="UTC")),
         pa.field("images_per_s", pa.float64()),
+        pa.field("precision", pa.string()),  # fp32, bf16 or fp16: what the model ran in
+        pa.field("channels_last", pa.bool_()),
     ]
 )
 """One row per run."""
@@ -191,6 +193,7 @@ TRAINING = pa.schema(
         pa.field("lr", pa.float64()),
         pa.field("images_per_s", pa.float64()),
         pa.field("checkpoint_uri", pa.string()),
+        pa.field("precision", pa.string()),
     ]
 )
 """One row per training epoch."""
@@ -310,6 +313,8 @@ def runs_row(
     started_at: datetime,
     finished_at: datetime,
     images_per_s: float | None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     """A run's ``runs`` row (the metrics from ``fcn.metrics.scores``; None without masks).
 
@@ -324,6 +329,8 @@ def runs_row(
         started_at: Start (UTC).
         finished_at: End (UTC).
         images_per_s: Throughput.
+        precision: What the model ran in (``pipeline.compute``).
+        channels_last: Whether it ran in channels_last memory format.
     """
     from fcn.metrics import PAPER_METRICS, nan_to_none
 
@@ -340,6 +347,8 @@ def runs_row(
         "started_at": started_at,
         "finished_at": finished_at,
         "images_per_s": images_per_s,
+        "precision": precision,
+        "channels_last": channels_last,
     }
 
 

@@ -11,15 +11,22 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from flows.cli.common import NumCpus, S3Endpoint, bench_app, experiment_app, storage_options
+from pipeline.compute import PRECISIONS, Precision
 from pipeline.errors import ConfigError
 
 __all__: list[str] = []
+
+
+def _precision(text: str) -> Precision:
+    if text not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {text!r}")
+    return text  # type: ignore[return-value]  # checked above
 
 
 @contextlib.contextmanager
@@ -78,6 +85,90 @@ def bench_read(
     typer.echo(format_bench(result))
 
 
+PrecisionOption = Annotated[
+    str, typer.Option(help="Precision policy: auto, fp32, bf16 or fp16 (see --help of train).")
+]
+
+
+@bench_app.command("model")
+def bench_model(
+    model: Annotated[str, typer.Option(help="Model name, e.g. fcn8s_resnet18.")] = "fcn8s_vgg16",
+    size: Annotated[int, typer.Option(min=32, help="Input side.")] = 500,
+    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+    precisions: Annotated[
+        str, typer.Option("--precisions", help="Comma-separated: fp32, bf16, fp16.")
+    ] = "fp32,bf16",
+    compile: Annotated[bool, typer.Option(help="Also time each variant compiled.")] = False,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Timing per variant.")] = 3.0,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            help="Run here, with this process's malloc settings, not in a Ray worker (which "
+            "gets pipeline.cluster.WORKER_ENV)."
+        ),
+    ] = False,
+) -> None:
+    """The model alone in each precision x layout: images/s, GFLOP/s, ratio to matmul peak."""
+    from pipeline.bench.model import bench_model as run_bench
+    from pipeline.bench.model import format_bench_model
+
+    chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    bad = [p for p in chosen if p not in ("fp32", "bf16", "fp16")]
+    if bad or not chosen:
+        raise ConfigError(f"--precisions: expected fp32, bf16 or fp16, got {precisions!r}")
+    import ray
+
+    from pipeline.cluster import ensure_ray
+
+    settings: dict[str, Any] = {
+        "model": model,
+        "size": size,
+        "batch": batch,
+        "threads": threads,
+        "precisions": chosen,
+        "compile": compile,
+        "seconds": seconds,
+    }
+    if in_process:
+        result = run_bench(**settings, echo=typer.echo)
+    else:
+        # In a Ray worker: the process environment the actors and training workers run in.
+        ensure_ray(num_cpus=threads)
+        task: Any = ray.remote(num_cpus=threads)(run_bench)
+        result = ray.get(task.remote(**settings))
+    typer.echo(format_bench_model(result))
+
+
+@bench_app.command("precision")
+def bench_precision(
+    model_uri: Annotated[str, typer.Argument(help="A trained model artifact.")],
+    dataset_uri: Annotated[str, typer.Argument(help="A dataset with masks (root or manifest).")],
+    split: Annotated[str, typer.Option(help="Split to segment ('' for every image).")] = "val",
+    precision: PrecisionOption = "auto",
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+) -> None:
+    """A trained model's label maps and metrics in a precision, against fp32 NCHW."""
+    import ray
+
+    from pipeline.bench.precision import bench_precision as run_bench
+    from pipeline.bench.precision import format_bench_precision
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(num_cpus=threads)  # in a Ray worker, as the actors run
+    task: Any = ray.remote(num_cpus=threads)(run_bench)
+    result = ray.get(
+        task.remote(
+            model_uri,
+            dataset_uri,
+            split=split or None,
+            precision=_precision(precision),
+            threads=threads,
+        )
+    )
+    typer.echo(format_bench_precision(result))
+
+
 @bench_app.command("train")
 def bench_train(
     num_images: Annotated[int, typer.Option(min=4, help="Synthetic training images.")] = 64,
@@ -86,6 +177,7 @@ def bench_train(
     batch_size: Annotated[int, typer.Option(min=2, help="Global batch.")] = 8,
     epochs: Annotated[int, typer.Option(min=2, help="Epochs per way (first one excluded).")] = 3,
     threads: Annotated[int, typer.Option(min=2, help="torch threads in all.")] = 2,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Training images/s: plain PyTorch vs Ray Train 1 worker vs 2 DDP workers, one run."""
     from pipeline.bench.train import bench_train as run_bench
@@ -98,6 +190,7 @@ def bench_train(
         batch_size=batch_size,
         epochs=epochs,
         threads=threads,
+        precision=_precision(precision),
         echo=typer.echo,
     )
     typer.echo(format_bench_train(result))
@@ -111,6 +204,7 @@ def bench_segment(
     threads: Annotated[int, typer.Option(min=1, help="torch threads (loop and actor).")] = 2,
     scale: Annotated[int, typer.Option(min=2, help="Image-count factor of the memory run.")] = 10,
     local: Annotated[bool, typer.Option(help="Read local files instead of a local S3.")] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Segmentation images/s: bare model loop vs the whole pipeline; peak memory at scale."""
     from pipeline.bench.segment import bench_segment as run_bench
@@ -127,6 +221,7 @@ def bench_segment(
             threads=threads,
             scale=scale,
             root=root,
+            precision=_precision(precision),
             echo=typer.echo,
         )
     typer.echo(format_bench_segment(result))

@@ -78,6 +78,9 @@ def train(
         class_names = load_card(result.model_uri, config.data.read.storage).class_names
         print_class_iou(console, list(result.scores["iou"]), class_names)
     typer.echo(f"model: {result.model_uri}")
+    ran = result.compute
+    layout = " + channels_last" if ran.get("channels_last") else ""
+    typer.echo(f"compute: {ran.get('precision')}{layout} ({ran.get('reason')})")
     typer.echo(f"trained in {result.seconds:.0f} s{' (resumed)' if result.resumed else ''}")
 
 

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fcn.models import build_model
+from pipeline.compute import ComputeConfig, Precision
 from pipeline.data.batches import samples_from_batch
 from pipeline.data.layouts import load_manifest
 from pipeline.data.reading import DatasetConfig, load_batch
@@ -35,11 +37,13 @@ def bench_segment(
     memory_model: str = "fcn8s_resnet18",
     memory_size: int = 128,
     root: str,
+    precision: Precision = "auto",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Segmentation images/s: a bare model loop vs the whole pipeline, plus memory at scale.
 
-    (a) calls the model on already-decoded, normalized tensors in one process; (b) runs
+    (a) calls the model on already-decoded, normalized tensors in one Ray worker process (the
+    engine an actor runs, without Ray Data); (b) runs
     :func:`pipeline.segment.driver.segment` from the bucket's bytes to committed Parquet with one
     actor of the same threads (Ray already started, so its start-up is not counted; the
     actor's model load is). Same model, images and threads, one run. Then the stages (b)
@@ -56,6 +60,8 @@ def bench_segment(
         scale: Image-count factor of the memory runs.
         memory_model: Model of the memory runs (a light one: they are about memory).
         memory_size: Image side of the memory runs.
+        precision: The precision policy of (a), (b) and the memory runs
+            (:mod:`pipeline.compute`).
         root: Scratch URI for the data, models and tables (a local directory, or an
             ``s3://`` prefix: the CLI starts a SeaweedFS server on 127.0.0.1 for it).
         echo: Where progress lines go.
@@ -77,9 +83,14 @@ def bench_segment(
         echo(
             f"(a) bare loop: {model} on {num_images} decoded images of {size} px, {threads} threads"
         )
-        bare, stages = _bare_segment_loop(data, model_uri, threads)
-
+        compute = ComputeConfig(precision=precision)
+        # In a Ray worker, as the actor: the same process environment (pipeline.cluster).
         ensure_ray(num_cpus=threads + 1)
+        bare, stages, plan = ray.get(
+            ray.remote(num_cpus=1)(_bare_segment_loop).remote(data, model_uri, threads, compute)
+        )
+        echo(f"    compute: {plan}")
+
         echo("(b) full pipeline: bucket bytes -> committed Parquet, 1 actor")
         began = time.perf_counter()
         result = segment(
@@ -91,6 +102,7 @@ def bench_segment(
                 run_id="bench",
                 batch_size=1,
                 threads_per_actor=threads,
+                precision=precision,
             ),
             echo=echo,
         )
@@ -112,6 +124,7 @@ def bench_segment(
                         output_uri=join(root, "out"),
                         run_id=f"mem-{count}",
                         threads_per_actor=threads,
+                        precision=precision,
                     ),
                     echo=echo,
                 )
@@ -124,6 +137,8 @@ def bench_segment(
         "size": size,
         "threads": threads,
         "source": "s3" if root.startswith("s3://") else "local",
+        "compute": plan,
+        "pipeline_precision": result.precision,
         "bare": bare,
         "full": full,
         "ratio": full / bare,
@@ -140,6 +155,7 @@ def format_bench_segment(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}, {result['num_images']} images of {result['size']} px, "
         f"{result['threads']} threads, read from {result['source']}",
+        f"compute: {result['compute']}; pipeline actor ran {result['pipeline_precision']}",
         f"(a) bare model loop on decoded tensors  {result['bare']:8.2f} img/s",
         f"(b) full pipeline, bytes -> Parquet     {result['full']:8.2f} img/s",
         f"b/a                                     {result['ratio']:8.2f}",
@@ -180,11 +196,14 @@ def _random_model(uri: str, name: str) -> str:
     return uri
 
 
-def _bare_segment_loop(data: str, model_uri: str, threads: int) -> tuple[float, dict[str, float]]:
-    """Images/s of the model alone, and the per-image cost of the stages around it."""
+def _bare_segment_loop(
+    data: str, model_uri: str, threads: int, compute: ComputeConfig
+) -> tuple[float, dict[str, float], str]:
+    """Images/s of the engine alone (what an actor runs, without Ray), the per-image cost of
+    the stages around it, and the precision policy it resolved to."""
     from fcn.palette import encode_label_png
     from fcn.transforms import eval_transform
-    from pipeline.artifacts import load_artifact
+    from pipeline.segment.engines import TorchEngine
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -193,22 +212,19 @@ def _bare_segment_loop(data: str, model_uri: str, threads: int) -> tuple[float, 
         began = time.perf_counter()
         samples = samples_from_batch(load_batch(manifest, config=DatasetConfig()))
         decode_ms = (time.perf_counter() - began) * 1000 / len(samples)
-        model, card = load_artifact(model_uri)
-        to_input = eval_transform(normalization=card.normalization_name)
+        engine = TorchEngine(model_uri, device=torch.device("cpu"), compute=compute)
+        to_input = eval_transform(normalization=engine.card.normalization_name)
         inputs = [to_input(s.image, None)[0][None] for s in samples]
-        labels = []
-        with torch.inference_mode():
-            model(inputs[0])  # warm-up
-            began = time.perf_counter()
-            for x in inputs:
-                labels.append(model(x).argmax(1)[0].numpy())
-            seconds = time.perf_counter() - began
+        engine.labels(inputs[0])  # warm-up
+        began = time.perf_counter()
+        labels = [engine.labels(x)[0].numpy() for x in inputs]
+        seconds = time.perf_counter() - began
         began = time.perf_counter()
         for label in labels:
-            encode_label_png(label)
+            encode_label_png(label.astype(np.uint8))
         png_ms = (time.perf_counter() - began) * 1000 / len(labels)
         stages = {"model": seconds * 1000 / len(inputs), "read+decode": decode_ms, "png": png_ms}
-        return len(inputs) / seconds, stages
+        return len(inputs) / seconds, stages, engine.plan.describe()
     finally:
         torch.set_num_threads(previous)
 

@@ -3,7 +3,8 @@
 Usage:
     fcnpipe bench train [--num-images 64 --size 96 --epochs 3]
 
-``bench_train`` measures training images/s of (a) a plain single-process PyTorch loop,
+``bench_train`` measures training images/s of (a) a plain single-process PyTorch loop (in a
+Ray worker, so in the same process environment as the training workers),
 (b) Ray Train with one worker, (c) Ray Train with two workers on half the threads each:
 same model, data, global batch and total threads, in one run, so the ratios (Ray's
 overhead b/a, DDP scaling c/b) compare like with like.
@@ -25,6 +26,7 @@ from fcn.engine import train_step
 from fcn.models import build_model
 from fcn.optim import build_optimizer
 from fcn.transforms import train_transform
+from pipeline.compute import ComputeConfig, ComputePlan, Precision, resolve, training_probe
 from pipeline.config import evolve, make
 from pipeline.data.batches import Sample, samples_from_batch
 from pipeline.data.layouts import load_manifest
@@ -44,6 +46,7 @@ def bench_train(
     batch_size: int = 8,
     epochs: int = 3,
     threads: int = 2,
+    precision: Precision = "auto",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Training images/s three ways on the same synthetic data; see the module docstring.
@@ -59,12 +62,16 @@ def bench_train(
         batch_size: Global batch (split between the two workers of (c)).
         epochs: Epochs per way (>= 2).
         threads: torch threads in all: (a) and (b) use them all, (c) half per worker.
+        precision: The precision policy of all three (:mod:`pipeline.compute`; each way
+            resolves ``auto`` on its own process).
         echo: Where progress lines go.
 
     Returns:
         ``{"plain": img/s, "ray_1": img/s, "ray_2": img/s, "overhead": ray_1 / plain,
         "scaling": ray_2 / ray_1, ...}`` plus the settings.
     """
+    import ray
+
     from pipeline.cluster import ensure_ray
 
     if epochs < 2 or threads < 2 or batch_size < 2:
@@ -74,10 +81,16 @@ def bench_train(
         data = str(Path(tmp) / "data")
         write_synthetic(data, num_images=num_images, size=size, val_fraction=0.0)
         echo(f"(a) plain PyTorch loop, {threads} threads, batch {batch_size}")
-        plain = _plain_loop(data, model, size, batch_size, epochs, threads)
         # Ray's CPU reservations only place the workers (torch threads are set apart); they
         # leave a CPU to Ray Data, whose tasks feed the workers.
         ensure_ray(num_cpus=threads)
+        # In a Ray worker, as the training workers: the same process environment.
+        plain, plain_plan = ray.get(
+            ray.remote(num_cpus=1)(_plain_loop).remote(
+                data, model, size, batch_size, epochs, threads, ComputeConfig(precision=precision)
+            )
+        )
+        echo(f"    compute: {plain_plan.describe()}")
         base = make(
             TrainConfig,
             dataset_uri=data,
@@ -93,6 +106,7 @@ def bench_train(
             lr=0.01,
             shuffle="blocks",
             max_failures=0,
+            precision=precision,
         )
         echo(f"(b) Ray Train, 1 worker x {threads} threads, batch {batch_size}")
         one = train(
@@ -126,6 +140,12 @@ def bench_train(
         "batch_size": batch_size,
         "threads": threads,
         "epochs": epochs,
+        "precision": precision,
+        "compute": {
+            "plain": plain_plan.compute.name,
+            "ray_1": _compute_name(one.compute),
+            "ray_2": _compute_name(two.compute),
+        },
         "plain": plain,
         "ray_1": ray_1,
         "ray_2": ray_2,
@@ -139,7 +159,9 @@ def format_bench_train(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"model {result['model']}, {result['num_images']} images of {result['size']} px, "
-            f"global batch {result['batch_size']}, {result['threads']} threads in all",
+            f"global batch {result['batch_size']}, {result['threads']} threads in all, "
+            f"precision {result['precision']}",
+            "compute: " + ", ".join(f"{k} {v}" for k, v in result["compute"].items()),
             f"(a) plain PyTorch loop           {result['plain']:8.1f} img/s",
             f"(b) Ray Train, 1 worker          {result['ray_1']:8.1f} img/s",
             f"(c) Ray Train, 2 workers (DDP)   {result['ray_2']:8.1f} img/s",
@@ -149,14 +171,27 @@ def format_bench_train(result: dict[str, Any]) -> str:
     )
 
 
+def _compute_name(record: dict[str, Any]) -> str:
+    return str(record.get("precision")) + (
+        " + channels_last" if record.get("channels_last") else ""
+    )
+
+
 def _steady(history: list[dict[str, Any]]) -> float:
     return float(statistics.median(row["images_per_s"] for row in history[1:]))
 
 
 def _plain_loop(
-    data: str, model_name: str, size: int, batch: int, epochs: int, threads: int
-) -> float:
-    """Images/s of a bare loop: decoded samples in memory, transform inline, one process."""
+    data: str,
+    model_name: str,
+    size: int,
+    batch: int,
+    epochs: int,
+    threads: int,
+    compute: ComputeConfig,
+) -> tuple[float, ComputePlan]:
+    """Images/s of a bare loop (decoded samples in memory, transform inline, one process) in
+    the precision the policy resolves to here, and that resolution."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -165,6 +200,10 @@ def _plain_loop(
         )
         torch.manual_seed(0)
         model = build_model(model_name, 6)
+        key = f"train {model_name} {batch}x{size}x{size}"
+        probe = training_probe(model, (size, size), batch, 6)
+        plan = resolve(compute, torch.device("cpu"), probe=probe, key=key)
+        plan.compute.model(model)
         optimizer = build_optimizer(model, "sgd", lr=0.01)
         augment = train_transform(size, scale_range=(1.0, 1.0))
         model.train()
@@ -179,10 +218,10 @@ def _plain_loop(
                 ]
                 images = torch.stack([p[0] for p in pairs])
                 masks = torch.stack([p[1] for p in pairs])
-                train_step(model, images, masks, optimizer)
+                train_step(model, images, masks, optimizer, compute=plan.compute)
                 seen += len(pairs)
             rates.append(seen / (time.perf_counter() - began))
-        return float(statistics.median(rates[1:]))
+        return float(statistics.median(rates[1:])), plan
     finally:
         torch.set_num_threads(previous)
 

@@ -7,15 +7,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.compute import ComputeConfig
 from pipeline.data.batches import Sample, samples_from_batch
 from pipeline.faults import Faults
+from pipeline.segment.engines import TorchEngine
 from pipeline.storage import StorageOptions
 
 __all__ = ["COUNTS", "SEGMENT_OUTPUT", "ActorPlan", "Segmenter", "group_by_size"]
@@ -37,6 +39,9 @@ SEGMENT_OUTPUT = pa.schema(
         pa.field("stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("message", pa.string()),
+        # How the model ran (pipeline.compute), on predictions:
+        pa.field("precision", pa.string()),
+        pa.field("channels_last", pa.bool_()),
     ]
 )
 """What a :class:`Segmenter` returns: one row per input row, a prediction or an error."""
@@ -47,6 +52,8 @@ COUNTS = ("gt_pixels", "pred_pixels", "intersection", "union")
 
 @dataclass(frozen=True, kw_only=True)
 class ActorPlan:
+    """What every actor needs, worked out by the driver (pickled into the actors)."""
+
     model_uri: str
     num_classes: int
     threads: int
@@ -55,6 +62,7 @@ class ActorPlan:
     palette: bool
     write_png: str | None
     storage: StorageOptions
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     faults: Faults | None = None
 
 
@@ -91,13 +99,18 @@ class Segmenter:
         import torch
 
         from fcn.transforms import eval_transform
-        from pipeline.artifacts import load_artifact
 
         torch.set_num_threads(plan.threads)
         self.plan = plan
-        self.device = torch.device("cuda" if plan.use_gpu else "cpu")
-        self.model, card = load_artifact(plan.model_uri, device=self.device, options=plan.storage)
-        self.to_input = eval_transform(normalization=card.normalization_name)
+        self.engine = TorchEngine(
+            plan.model_uri,
+            device=torch.device("cuda" if plan.use_gpu else "cpu"),
+            compute=plan.compute,
+            resize=plan.resize,
+            storage=plan.storage,
+        )
+        self.compute_plan = self.engine.plan
+        self.to_input = eval_transform(normalization=self.engine.card.normalization_name)
         self.mirror = (
             None if plan.write_png is None else storage.resolve(plan.write_png, plan.storage)
         )
@@ -132,7 +145,7 @@ class Segmenter:
             began = time.perf_counter()
             try:
                 inputs = torch.stack([self.to_input(s.image, None)[0] for s in group])
-                labels = self._predict(inputs.to(self.device)).cpu().numpy().astype(np.uint8)
+                labels = self.engine.labels(inputs).cpu().numpy().astype(np.uint8)
             except Exception as exc:  # e.g. out of memory on one huge image: not the batch
                 for s in group:
                     i = index[s.image_id]
@@ -147,6 +160,8 @@ class Segmenter:
                 out["label_map"][i] = png
                 out["class_pixel_counts"][i] = np.bincount(label.ravel(), minlength=n)[:n].tolist()
                 out["latency_ms"][i] = latency
+                out["precision"][i] = self.compute_plan.precision
+                out["channels_last"][i] = self.compute_plan.channels_last
                 if sample.mask is not None:
                     counts = per_class_counts(confusion_matrix(label, sample.mask, n))
                     for name in COUNTS:
@@ -154,20 +169,3 @@ class Segmenter:
                 if self.mirror is not None:
                     storage.write_bytes(self.mirror.join(f"{sample.image_id}.png"), png)
         return pa.table(out, schema=SEGMENT_OUTPUT)
-
-    def _predict(self, images: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        with torch.inference_mode():
-            size = images.shape[-2:]
-            if self.plan.resize is not None and max(size) != self.plan.resize:
-                scale = self.plan.resize / max(size)
-                small = [max(1, round(side * scale)) for side in size]
-                inputs = F.interpolate(images, size=small, mode="bilinear", align_corners=False)
-                logits = F.interpolate(
-                    self.model(inputs), size=list(size), mode="bilinear", align_corners=False
-                )
-            else:
-                logits = self.model(images)
-            return logits.argmax(1)

@@ -2,7 +2,8 @@
 
 ``SegmentConfig`` holds the job's identity (input, model, output root, run id) and three
 sections: ``data`` (which images, at what size, read how), ``scaling`` (actors, devices,
-batches) and ``output`` (what is written besides the tables). See :mod:`pipeline.config` for
+batches), ``output`` (what is written besides the tables) and ``compute`` (precision, memory
+layout, compilation: :mod:`pipeline.compute`). See :mod:`pipeline.config` for
 how the CLI, the flows and Ray Jobs share it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from pipeline.compute import ComputeConfig
 from pipeline.config import FORBID
 from pipeline.data.reading import DatasetConfig
 from pipeline.errors import ConfigError
@@ -113,6 +115,8 @@ class SegmentConfig:
     """Actors, devices, batches."""
     output: SegmentOutput = field(default_factory=SegmentOutput)
     """What is written besides the tables."""
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Precision, memory layout, compilation (chosen on each actor for ``auto``)."""
 
     def __post_init__(self) -> None:
         if self.run_id is not None:

@@ -22,6 +22,7 @@ duplicates a row; ``--overwrite`` replaces a committed run.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Callable
@@ -74,6 +75,8 @@ class SegmentResult:
     """Wall time of the call."""
     steady_images_per_s: float | None = None
     """Images/s from the first result to the last: the rate once the actors are up."""
+    precision: str | None = None
+    """What the model ran in (``pipeline.compute``); None when nothing was left to do."""
 
 
 def segment(
@@ -108,13 +111,14 @@ def segment(
         f"run {job.run_id}: {todo.num_rows} image(s) to segment"
         + (f", {skipped} already written by an earlier attempt" if done else "")
     )
-    processed, steady = 0, None
+    stream = _Stream()
     if todo.num_rows:
         from pipeline.cluster import ensure_ray
 
         ensure_ray(num_cpus=num_cpus)
         _check_fits(config)
-        processed, steady = _stream(config, job, todo, faults)
+        stream = _stream(config, job, todo, faults)
+    processed = stream.processed
     seconds = time.perf_counter() - clock
     totals, num_images, num_errors = _run_totals(job.writer, job.card.num_classes)
     scores = None
@@ -137,6 +141,8 @@ def segment(
                 started_at=started,
                 finished_at=finished,
                 images_per_s=images_per_s,
+                precision=stream.precision,
+                channels_last=stream.channels_last,
             )
         ],
     )
@@ -149,6 +155,8 @@ def segment(
     )
     if scores is not None and scores["mean_iou"] is not None:
         summary += f", mean IoU {scores['mean_iou']:.3f}"
+    if stream.precision is not None:
+        summary += f"; {stream.precision}{' + channels_last' if stream.channels_last else ''}"
     echo(summary)
     return SegmentResult(
         run_id=job.run_id,
@@ -159,7 +167,8 @@ def segment(
         images_per_s=images_per_s,
         skipped=skipped,
         seconds=time.perf_counter() - clock,
-        steady_images_per_s=steady,
+        steady_images_per_s=stream.steady,
+        precision=stream.precision,
     )
 
 
@@ -205,14 +214,22 @@ def _preflight(config: SegmentConfig, run_id: str) -> _Job:
     return _Job(run_id=run_id, options=options, card=card, manifest=manifest, writer=writer)
 
 
-def _stream(
-    config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | None
-) -> tuple[int, float | None]:
-    """Read, decode and segment ``todo`` on Ray Data, writing rows as they arrive.
+@dataclass
+class _Stream:
+    """What one pass of the actors did."""
 
-    Returns the rows processed and the images/s from the first result to the last (the rate
-    once the actors are up), None with a single result.
-    """
+    processed: int = 0
+    """Rows (good and error) the actors returned."""
+    steady: float | None = None
+    """Images/s from the first result to the last: the rate once the actors are up."""
+    precision: str | None = None
+    """The precision most predictions ran in (each actor chooses; they normally agree)."""
+    channels_last: bool | None = None
+    """Whether those ran channels_last."""
+
+
+def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | None) -> _Stream:
+    """Read, decode and segment ``todo`` on Ray Data, writing rows as they arrive."""
     import ray.data
 
     from pipeline.data.reading import read_decoded
@@ -226,6 +243,7 @@ def _stream(
         palette=config.output.palette,
         write_png=config.output.write_png,
         storage=job.options,
+        compute=config.compute,
         faults=faults,
     )
     # Blocks of about one actor batch: results stream back (and into files) steadily.
@@ -253,20 +271,24 @@ def _stream(
     )
     exit_after = None if faults is None else faults.driver_exit_after
     tables = _Tables(job.writer, config.output.rows_per_file, fail_after=exit_after)
-    processed, first_rows = 0, 0
+    out, first_rows = _Stream(), 0
+    computes: collections.Counter[tuple[str, bool]] = collections.Counter()
     first_batch_at = last_batch_at = 0.0
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         rows = pa.table(batch)
         tables.write(rows, job.card.class_names, config.model_uri)
-        if not processed:
+        ran = rows.select(["precision", "channels_last"]).drop_null()
+        computes.update(zip(*(ran[c].to_pylist() for c in ran.column_names), strict=True))
+        if not out.processed:
             first_batch_at, first_rows = time.perf_counter(), rows.num_rows
-        processed += rows.num_rows
+        out.processed += rows.num_rows
         last_batch_at = time.perf_counter()
     tables.close()
-    steady = None
     if last_batch_at > first_batch_at:  # after start-up: actors up, the model loaded
-        steady = (processed - first_rows) / (last_batch_at - first_batch_at)
-    return processed, steady
+        out.steady = (out.processed - first_rows) / (last_batch_at - first_batch_at)
+    if computes:
+        (out.precision, out.channels_last), _ = computes.most_common(1)[0]
+    return out
 
 
 _PREDICTION_COLUMNS = [

@@ -2,8 +2,9 @@
 
 ``TrainConfig`` holds the job's identity (dataset, output root, run id) and four sections:
 ``model`` (which FCN, from what), ``data`` (splits, crops, augmentation, reading),
-``optim`` (epochs, batches, optimizer, schedule, loss) and ``scaling`` (workers, devices,
-placement, failures). See :mod:`pipeline.config` for how the CLI, the flows and Ray Jobs share
+``optim`` (epochs, batches, optimizer, schedule, loss), ``scaling`` (workers, devices,
+placement, failures) and ``compute`` (precision, memory layout, compilation:
+:mod:`pipeline.compute`). See :mod:`pipeline.config` for how the CLI, the flows and Ray Jobs share
 it.
 """
 
@@ -25,6 +26,7 @@ from fcn.names import (
     OptimizerName,
     Schedule,
 )
+from pipeline.compute import ComputeConfig
 from pipeline.config import FORBID, check_choice
 from pipeline.data.reading import SHUFFLE_MODES, DatasetConfig, ShuffleMode
 from pipeline.errors import ConfigError
@@ -186,8 +188,6 @@ class TrainScaling:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     """One GPU per worker (nccl); else CPU (gloo)."""
-    amp: bool = False
-    """bf16 autocast on GPU."""
     cpus_per_worker: float | None = None
     """CPUs Ray reserves per worker; None: 1, or less on a small cluster, so that one CPU
     stays free for Ray Data (which feeds the workers: with none free, training waits)."""
@@ -211,8 +211,6 @@ class TrainScaling:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if self.amp and not self.use_gpu:
-            raise ConfigError("amp (bf16 autocast) needs use_gpu: on CPU it is slower, not faster")
 
     @property
     def threads(self) -> int:
@@ -243,6 +241,8 @@ class TrainConfig:
     """Epochs, batches, optimizer, schedule, loss."""
     scaling: TrainScaling = field(default_factory=TrainScaling)
     """Workers, devices, placement, restarts."""
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Precision, memory layout, compilation (chosen on the workers for ``auto``)."""
 
     def __post_init__(self) -> None:
         if self.run_id is not None:

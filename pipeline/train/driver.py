@@ -73,6 +73,8 @@ class TrainResult:
     """The epoch (0-based) whose checkpoint was exported."""
     history: list[dict[str, Any]]
     """The ``training`` table rows, one per epoch."""
+    compute: dict[str, Any]
+    """The precision policy the workers ran (``pipeline.compute.ComputePlan.record``)."""
     resumed: bool
     """Whether the run continued from checkpoints of an earlier attempt."""
     seconds: float
@@ -136,6 +138,8 @@ def train(
                 started_at=started,
                 finished_at=finished,
                 images_per_s=sum(rates) / len(rates) if rates else None,
+                precision=exported.compute.get("precision"),
+                channels_last=exported.compute.get("channels_last"),
             )
         ],
     )
@@ -148,6 +152,7 @@ def train(
         scores=exported.scores,
         epoch=exported.epoch,
         history=exported.history,
+        compute=exported.compute,
         resumed=was_resumed(plan.checkpoint_root, job.options),
         seconds=time.perf_counter() - clock,
     )
@@ -186,6 +191,7 @@ class _Exported:
     scores: dict[str, Any]
     epoch: int
     history: list[dict[str, Any]]
+    compute: dict[str, Any]
 
 
 def _preflight(config: TrainConfig, run_id: str) -> _Job:
@@ -338,7 +344,11 @@ def _export(config: TrainConfig, plan: Plan, job: _Job, result: Any) -> _Exporte
         model_options=config.model.options,
         normalization=describe_normalization(config.model.normalization),
         metrics={k: v for k, v in scores.items() if k != "confusion"},
-        training_config={**_config_record(config), "exported_epoch": best_state["epoch"]},
+        training_config={
+            **_config_record(config),
+            "exported_epoch": best_state["epoch"],
+            "compute_used": latest_state.get("compute", {}),
+        },
         dataset_uri=config.dataset_uri,
         manifest_hash=job.dataset_hash,
         parent_model_uri=config.model.init_from,
@@ -349,6 +359,7 @@ def _export(config: TrainConfig, plan: Plan, job: _Job, result: Any) -> _Exporte
         scores=scores,
         epoch=int(best_state["epoch"]),
         history=list(latest_state["history"]),
+        compute=dict(latest_state.get("compute", {})),
     )
 
 

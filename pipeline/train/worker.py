@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fcn.engine import evaluate, forward_backward
+from fcn.engine import Compute, evaluate, forward_backward
 from fcn.metrics import nan_to_none
 from fcn.models import FCN, build_model, load_backbone_weights
 from fcn.optim import (
@@ -29,6 +29,7 @@ from fcn.surgery import transplant_fcn
 from fcn.transforms import eval_transform, train_transform
 from pipeline import storage
 from pipeline.artifacts import load_artifact
+from pipeline.compute import ComputePlan, resolve, training_probe
 from pipeline.data.batches import iter_samples, iter_train_batches
 from pipeline.faults import Faults
 from pipeline.storage import StorageOptions
@@ -106,6 +107,7 @@ def train_loop_per_worker(plan: Plan) -> None:
             "val_mean_iou": nan_to_none(scores.get("mean_iou")),
             "checkpoint_uri": storage.join(plan.checkpoint_root, _checkpoint_name(epoch)),
         }
+        row["precision"] = rank.compute.precision
         history.append(row)
         checkpoint_and_report(rank, epoch, history, scores)
         if rank.rank == 0:
@@ -132,11 +134,18 @@ class _Rank:
     ddp_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    compute_plan: ComputePlan
+    scaler: Any
     class_weight: torch.Tensor | None
     augment: Callable[..., Any]
     to_input: Callable[..., Any]
     train_shard: Any
     val_shard: Any | None
+
+    @property
+    def compute(self) -> Compute:
+        """Precision and memory layout of this run's forward passes."""
+        return self.compute_plan.compute
 
     @classmethod
     def start(cls, plan: Plan) -> _Rank:
@@ -163,9 +172,13 @@ class _Rank:
             warmup_steps=config.optim.warmup_steps,
             schedule=config.optim.schedule,
         )
+        compute_plan = _compute_plan(plan, model, device)
+        compute_plan.compute.model(model)  # in place
         # DDP: parameters are broadcast from rank 0 here, and each backward pass all-reduces
         # (averages) the gradients, so every rank steps identically.
         ddp_model = ray.train.torch.prepare_model(model)
+        if compute_plan.compile:
+            ddp_model = torch.compile(ddp_model, dynamic=True)  # type: ignore[assignment]
         weight = plan.class_weight
         return cls(
             plan=plan,
@@ -175,6 +188,9 @@ class _Rank:
             ddp_model=ddp_model,
             optimizer=optimizer,
             scheduler=scheduler,
+            compute_plan=compute_plan,
+            # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range.
+            scaler=torch.amp.GradScaler(device.type) if compute_plan.precision == "fp16" else None,
             class_weight=None if weight is None else torch.tensor(weight, device=device),
             augment=train_transform(
                 config.data.crop_size,
@@ -186,6 +202,28 @@ class _Rank:
             train_shard=ray.train.get_dataset_shard("train"),
             val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None,
         )
+
+
+def _compute_plan(plan: Plan, model: torch.nn.Module, device: torch.device) -> ComputePlan:
+    """Rank 0 resolves the precision policy (probing forward and backward at the run's crop and
+    batch size where ``auto`` asks), then every rank takes its answer: all ranks run alike.
+    """
+    import torch.distributed as dist
+
+    config = plan.config
+    chosen: list[ComputePlan | None] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        crop = config.data.crop_size
+        batch = config.optim.batch_size
+        probe = training_probe(model, (crop, crop), batch, plan.num_classes)
+        key = f"train {config.model.name} {batch}x{crop}x{crop}"
+        resolved = resolve(config.compute, device, probe=probe, key=key)
+        print(f"run {plan.run_id}: compute {resolved.describe()}", flush=True)
+        chosen[0] = resolved
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    assert chosen[0] is not None
+    return chosen[0]
 
 
 def train_one_epoch(rank: _Rank, epoch: int) -> dict[str, float]:
@@ -228,11 +266,16 @@ def train_one_epoch(rank: _Rank, epoch: int) -> dict[str, float]:
                 # Mean over the batches of this step's group (the last may be short).
                 loss_scale=1.0 / _group_size(index, accum, plan.batches_per_epoch),
                 class_weight=rank.class_weight,
-                autocast_dtype=torch.bfloat16 if config.scaling.amp else None,
+                compute=rank.compute,
+                scaler=rank.scaler,
             )
         if step_now:
             lr = rank.optimizer.param_groups[0]["lr"]
-            rank.optimizer.step()
+            if rank.scaler is not None:
+                rank.scaler.step(rank.optimizer)
+                rank.scaler.update()
+            else:
+                rank.optimizer.step()
             rank.scheduler.step()
             rank.optimizer.zero_grad(set_to_none=True)
         batches += 1
@@ -263,7 +306,9 @@ def validate(rank: _Rank) -> dict[str, Any]:
     # buffers at each forward, but the last one updated each rank's BatchNorm statistics
     # from its own batch: score with rank 0's, the ones the checkpoint keeps.
     _broadcast_buffers(rank.model)
-    confusion = evaluate(rank.model, samples, rank.plan.num_classes, device=rank.device).reduce()
+    confusion = evaluate(
+        rank.model, samples, rank.plan.num_classes, device=rank.device, compute=rank.compute
+    ).reduce()
     scores = confusion.scores()
     scores["confusion"] = confusion.matrix.cpu()
     return scores
@@ -293,6 +338,7 @@ def checkpoint_and_report(
                     "epoch": epoch,
                     "history": history,
                     "scores": _plain_scores(scores),
+                    "compute": rank.compute_plan.record(),
                 },
                 Path(tmp) / _STATE_FILE,
             )

@@ -35,7 +35,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> str:
         ),
         (["--backbone", "vgg19"], "(got 'vgg19')"),
         (["--num-classes", "9"], f"does not match the dataset's {len(CLASS_NAMES)} classes"),
-        (["--amp"], "amp (bf16 autocast) needs use_gpu"),
+        (["--precision", "fp8"], "compute.precision: Input should be"),
         (["--init-from", "/nonexistent/model"], "no model card at /nonexistent/model"),
         (["--backbone-weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no such file"),
         (["--val-split", "train"], "train and val split are both 'train'"),

@@ -91,6 +91,8 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
             actors=1,
             cpus_per_actor=0.5,
             write_png=mirror,
+            precision="fp32",  # as the reference (other precisions: tests/unit/test_compute.py)
+            memory_format="contiguous",
         )
     )
     assert committed_runs(out) == ["seg1"]

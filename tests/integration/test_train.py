@@ -47,6 +47,8 @@ pytestmark = pytest.mark.integration
 
 # Small and quick on 2 cores: two half-CPU workers leave one CPU to Ray Data.
 WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1}
+# The checks below compare with one process in fp32 NCHW, float for float.
+EXACT = {"precision": "fp32", "memory_format": "contiguous"}
 
 
 def _write_full_label_dataset(root: str, num_images: int, size: int) -> list[str]:
@@ -95,6 +97,7 @@ def test_two_workers_step_like_one_process_on_the_whole_batch(
         schedule="constant",
         seed=7,
         **WORKERS,
+        **EXACT,
     )
     result = train(config)
     trained, _ = load_artifact(result.model_uri)
@@ -139,6 +142,7 @@ def test_short_run_learns_and_scores_val_like_one_process(tmp_path: Path, ray_lo
         lr=2e-3,
         weight_decay=1e-4,
         **WORKERS,
+        **EXACT,
     )
     result = train(config)
 
