@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.resnet import ResNet
@@ -210,6 +211,21 @@ def _crop(x: Tensor, offset: int, size: Sequence[int]) -> Tensor:
     return x[..., offset : offset + size[0], offset : offset + size[1]]
 
 
+def _upsample(up: nn.ConvTranspose2d, x: Tensor, size: Sequence[int]) -> Tensor:
+    """``up(x, output_size=size)``, without an ``output_padding`` computed from the sizes.
+
+    ``output_padding`` only appends rows and columns at the bottom and right, so the largest
+    one (stride - 1) cropped to ``size`` gives the very same values; unlike a size-dependent
+    one, it leaves a graph that exports with symbolic sizes (ONNX, ``torch.export``).
+    """
+    stride = cast(tuple[int, int], up.stride)
+    padding = cast(tuple[int, int], up.padding)
+    out = F.conv_transpose2d(
+        x, up.weight, up.bias, stride, padding, output_padding=(stride[0] - 1, stride[1] - 1)
+    )
+    return out[..., : size[0], : size[1]]
+
+
 class FCNHead(nn.Module):
     """Score layers and bilinear upsampling of one FCN variant.
 
@@ -281,13 +297,13 @@ class FCNHead(nn.Module):
         ):
             skip = skip_score(features[stride])
             if self.offsets is None:
-                score = up(score, output_size=list(skip.shape[-2:])) + skip
+                score = _upsample(up, score, skip.shape[-2:]) + skip
             else:
                 score = up(score)
                 score = score + _crop(skip, offset, score.shape[-2:])
         final = ups[-1]
         if self.offsets is None:
-            return final(score, output_size=list(size))
+            return _upsample(final, score, size)
         return _crop(final(score), self.offsets[1], size)
 
 

@@ -67,6 +67,7 @@ from pipeline.tables import validate_run_id
 __all__ = [
     "CARD_FILE",
     "CARD_FORMAT_VERSION",
+    "ONNX_FILE",
     "SECRET_VARIABLES",
     "WEIGHTS_FILES",
     "ArtifactError",
@@ -81,6 +82,7 @@ __all__ = [
     "load_model",
     "model_uri",
     "save_model",
+    "write_card",
 ]
 
 CARD_FILE = "model.json"
@@ -94,6 +96,9 @@ WeightsFormat = Literal["safetensors", "torch"]
 
 WEIGHTS_FILES: dict[str, str] = {"safetensors": "model.safetensors", "torch": "model.pt"}
 """File name of the weights in each format, in the order a loader looks for them."""
+
+ONNX_FILE = "model.onnx"
+"""File name of the artifact's ONNX export (``pipeline.export``)."""
 
 SECRET_VARIABLES: tuple[str, ...] = (
     "AWS_SECRET_ACCESS_KEY",
@@ -258,6 +263,10 @@ class ModelCard:
     """SHA-256 (hex) of the weights file; set by save_model, checked by the loader."""
     library_versions: dict[str, str] = field(default_factory=library_versions)
     """Versions of python, torch, torchvision, numpy, safetensors and fcnpipe at save time."""
+    onnx: dict[str, Any] | None = None
+    """The artifact's ONNX export (``pipeline.export``), once made: ``file``, ``opset``,
+    ``sha256`` (checked before a session loads it), ``input`` and ``outputs`` specs,
+    ``exported_at``, ``exporter``."""
 
     def __post_init__(self) -> None:
         if self.architecture not in HEADS:
@@ -312,6 +321,11 @@ class ModelCard:
             isinstance(self.weights_sha256, str) and _SHA256.fullmatch(self.weights_sha256)
         ):
             raise ValueError("weights_sha256 must be 64 lowercase hex digits or None")
+        if self.onnx is not None:
+            onnx = self._mapping(self.onnx, "onnx")
+            if onnx.get("file") != ONNX_FILE or not _SHA256.fullmatch(str(onnx.get("sha256"))):
+                raise ValueError(f"onnx must name {ONNX_FILE} and its sha256, got {onnx!r}")
+            object.__setattr__(self, "onnx", onnx)
 
     @staticmethod
     def _mapping_of(value: Any, name: str) -> Mapping[str, Any]:
@@ -563,6 +577,19 @@ def save_model(
     storage.write_bytes(root.join(weights_file), data)
     storage.write_bytes(root.join(CARD_FILE), text.encode())
     return root.uri
+
+
+def write_card(
+    card: ModelCard, uri: str | storage.Location, options: StorageOptions | None = None
+) -> None:
+    """Replace an artifact's card (one atomic write), e.g. to record its ONNX export.
+
+    Raises:
+        ConfigError: The card would hold a credential.
+    """
+    text = card.to_json()
+    check_no_secrets(text)
+    storage.write_bytes(storage.resolve(uri, options).join(CARD_FILE), text.encode())
 
 
 def load_card(uri: str | storage.Location, options: StorageOptions | None = None) -> ModelCard:

@@ -25,6 +25,7 @@ the others and later runs read the answer.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ __all__ = [
     "ComputePlan",
     "MemoryFormat",
     "Precision",
+    "measured",
     "native_bf16",
     "resolve",
 ]
@@ -288,6 +290,23 @@ def _measure(
     candidates: list[Compute], probe: Callable[[Compute], float], key: str, device: torch.device
 ) -> dict[str, float]:
     """Milliseconds a pass of each candidate: from the cache, else measured (and cached)."""
+    probes: dict[str, Callable[[], float]] = {
+        c.name: functools.partial(probe, c) for c in candidates
+    }
+    return measured(probes, key, device)
+
+
+def measured(
+    probes: dict[str, Callable[[], float]], key: str, device: torch.device
+) -> dict[str, float]:
+    """Milliseconds a pass of each named candidate, from the per-machine cache (see the
+    module docstring) or measured by its probe (seconds a pass) and then cached.
+
+    Args:
+        probes: Candidate name -> its probe.
+        key: What the probes run (model, shape, mode).
+        device: Where they run.
+    """
     path = _cache_file()
     full_key = _cache_key(key, device)
     cached: dict[str, Any] = {}
@@ -297,9 +316,9 @@ def _measure(
         except (OSError, ValueError):
             cached = {}
     entry = cached.get(full_key) or {}
-    if all(c.name in entry for c in candidates):
-        return {c.name: float(entry[c.name]) for c in candidates}
-    timings = {c.name: probe(c) * 1000 for c in candidates}
+    if all(name in entry for name in probes):
+        return {name: float(entry[name]) for name in probes}
+    timings = {name: probe() * 1000 for name, probe in probes.items()}
     logger.info("compute probe %s: %s", key, timings)
     if path is not None:
         cached[full_key] = {**entry, **timings}

@@ -167,6 +167,7 @@ RUNS = pa.schema(
         pa.field("images_per_s", pa.float64()),
         pa.field("precision", pa.string()),  # fp32, bf16 or fp16: what the model ran in
         pa.field("channels_last", pa.bool_()),
+        pa.field("engine", pa.string()),  # e.g. torch 2.14.1, openvino 2026.4.1
     ]
 )
 """One row per run."""
@@ -315,6 +316,7 @@ def runs_row(
     images_per_s: float | None,
     precision: str | None = None,
     channels_last: bool | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
     """A run's ``runs`` row (the metrics from ``fcn.metrics.scores``; None without masks).
 
@@ -331,6 +333,7 @@ def runs_row(
         images_per_s: Throughput.
         precision: What the model ran in (``pipeline.compute``).
         channels_last: Whether it ran in channels_last memory format.
+        engine: The runtime that ran it (training: torch).
     """
     from fcn.metrics import PAPER_METRICS, nan_to_none
 
@@ -349,6 +352,7 @@ def runs_row(
         "images_per_s": images_per_s,
         "precision": precision,
         "channels_last": channels_last,
+        "engine": engine,
     }
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from flows.cli.common import NumCpus, S3Endpoint, bench_app, experiment_app, storage_options
 from pipeline.compute import PRECISIONS, Precision
 from pipeline.errors import ConfigError
+from pipeline.segment.engines import BACKENDS, Backend
 
 __all__: list[str] = []
 
@@ -26,6 +27,12 @@ __all__: list[str] = []
 def _precision(text: str) -> Precision:
     if text not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {text!r}")
+    return text  # type: ignore[return-value]  # checked above
+
+
+def _backend(text: str) -> Backend:
+    if text not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {text!r}")
     return text  # type: ignore[return-value]  # checked above
 
 
@@ -85,6 +92,7 @@ def bench_read(
     typer.echo(format_bench(result))
 
 
+BackendOption = Annotated[str, typer.Option(help="Engine: auto, torch, onnxruntime or openvino.")]
 PrecisionOption = Annotated[
     str, typer.Option(help="Precision policy: auto, fp32, bf16 or fp16 (see --help of train).")
 ]
@@ -146,6 +154,7 @@ def bench_precision(
     dataset_uri: Annotated[str, typer.Argument(help="A dataset with masks (root or manifest).")],
     split: Annotated[str, typer.Option(help="Split to segment ('' for every image).")] = "val",
     precision: PrecisionOption = "auto",
+    backend: BackendOption = "auto",
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
 ) -> None:
     """A trained model's label maps and metrics in a precision, against fp32 NCHW."""
@@ -163,6 +172,7 @@ def bench_precision(
             dataset_uri,
             split=split or None,
             precision=_precision(precision),
+            backend=_backend(backend),
             threads=threads,
         )
     )
@@ -205,6 +215,7 @@ def bench_segment(
     scale: Annotated[int, typer.Option(min=2, help="Image-count factor of the memory run.")] = 10,
     local: Annotated[bool, typer.Option(help="Read local files instead of a local S3.")] = False,
     precision: PrecisionOption = "auto",
+    backend: BackendOption = "auto",
 ) -> None:
     """Segmentation images/s: bare model loop vs the whole pipeline; peak memory at scale."""
     from pipeline.bench.segment import bench_segment as run_bench
@@ -222,6 +233,7 @@ def bench_segment(
             scale=scale,
             root=root,
             precision=_precision(precision),
+            backend=_backend(backend),
             echo=typer.echo,
         )
     typer.echo(format_bench_segment(result))

@@ -8,12 +8,12 @@ hooks of :mod:`pipeline.faults`, which are never part of a configuration.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
-from flows.cli.common import NumCpus, app
+from flows.cli.common import NumCpus, S3Endpoint, app, storage_options
 from flows.cli.options import config_command
 from pipeline.errors import ConfigError
 from pipeline.faults import Faults
@@ -121,3 +121,29 @@ def segment(
             console, {result.run_id: result.scores}, title="images with masks", label="run"
         )
         print_class_iou(console, result.scores["iou"], result.class_names)
+
+
+@app.command()
+def export(
+    model_uri: Annotated[str, typer.Argument(help="A model artifact (OUT/models/RUN_ID).")],
+    fmt: Annotated[
+        Literal["onnx"], typer.Option("--format", help="Export format (onnx).")
+    ] = "onnx",
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Write the .onnx file here (default: into the artifact, recorded in its card)."
+        ),
+    ] = None,
+    s3_endpoint: S3Endpoint = None,
+) -> None:
+    """Export a model artifact as one self-contained ONNX graph: uint8 RGB images in
+    (dynamic N, H, W, normalization inside), class ids and logits out."""
+    from pipeline.export import OPSET, export_onnx
+
+    info = export_onnx(model_uri, out, options=storage_options(s3_endpoint))
+    typer.echo(
+        f"wrote {info.uri} ({fmt}, opset {OPSET}, sha256 {info.sha256[:16]}..., "
+        f"{info.seconds:.1f} s): input image uint8 [N, 3, H, W]; outputs label_map int64 "
+        "[N, H, W], scores float32 logits [N, C, H, W]"
+    )

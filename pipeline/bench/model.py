@@ -3,8 +3,10 @@
 Usage:
     fcnpipe bench model [--model fcn8s_vgg16 --size 500 --batch 1 --threads 2 --compile]
 
-Each row runs the network (random weights: the cost is the same) on a (batch, 3, size, size)
-input under ``torch.inference_mode()``, forward and arg-max, and prints images/s and the
+Each row runs the network (random weights: the cost is the same) on a uint8 (batch, 3, size,
+size) input through an engine the actors run (:mod:`pipeline.segment.engines`: torch in each
+precision and layout, ONNX Runtime, OpenVINO; normalization, forward and arg-max), and prints
+images/s and the
 achieved GFLOP/s: the network's FLOPs (counted by ``torch.utils.flop_counter``, not guessed)
 over the measured time. Next to it, the same run's matrix-multiply peak for that dtype on this
 machine (a 4096 x 4096 GEMM with the same threads), so each row's ratio says how close to the
@@ -16,10 +18,13 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fcn.engine import Compute
@@ -72,6 +77,48 @@ def _time(run: Callable[[], Any], seconds: float, minimum: int) -> float:
     return statistics.median(times)
 
 
+_CPU = torch.device("cpu")
+
+
+def _artifact(net: torch.nn.Module, name: str, directory: str) -> str:
+    """The network as a model artifact with its ONNX export, for the engines to load."""
+    from pipeline.artifacts import ModelCard, save_model
+    from pipeline.export import export_onnx
+
+    head, _, backbone = name.partition("_")
+    classes = [f"class_{i}" for i in range(21)]
+    card = ModelCard(
+        run_id="bench",
+        architecture=head,
+        backbone=backbone,
+        num_classes=21,
+        class_names=classes,
+        model_options={"dropout": 0.5} if backbone == "vgg16" else {},
+        normalization={"name": "imagenet"},
+    )
+    uri = str(Path(directory) / "model")
+    save_model(net, card, uri)
+    export_onnx(uri)
+    return uri
+
+
+def _variants(
+    precisions: Sequence[str], compile: bool, installed: Sequence[str]
+) -> list[tuple[str, str, str, bool]]:
+    """(engine, precision, memory layout, compiled) of every row, torch first."""
+    rows = [
+        ("torch", precision, layout, compiled)
+        for precision in precisions
+        for layout in ("contiguous", "channels_last")
+        for compiled in ((False, True) if compile else (False,))
+    ]
+    if "onnxruntime" in installed and "fp32" in precisions:
+        rows.append(("onnxruntime", "fp32", "contiguous", False))
+    if "openvino" in installed:
+        rows += [("openvino", p, "contiguous", False) for p in precisions if p != "fp16"]
+    return rows
+
+
 def bench_model(
     *,
     model: str = "fcn8s_vgg16",
@@ -83,7 +130,8 @@ def bench_model(
     seconds: float = 3.0,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Time the model in each precision x layout (x compile); see the module docstring.
+    """Time the model in each engine x precision x layout (x compile); see the module
+    docstring.
 
     Args:
         model: ``fcn.models.build_model`` name.
@@ -98,9 +146,12 @@ def bench_model(
 
     Returns:
         ``{"model", "size", "batch", "threads", "cpu", "native_bf16", "gflop", "peaks":
-        {precision: GFLOP/s}, "rows": [{"precision", "channels_last", "compiled", "ms",
+        {precision: GFLOP/s}, "rows": [{"engine", "precision", "layout", "compiled", "ms",
         "images_per_s", "gflops", "ratio", "compile_s"}]}``.
     """
+    from pipeline.segment.config import SegmentCompute
+    from pipeline.segment.engines import installed_backends, load_engine
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -108,43 +159,41 @@ def bench_model(
         flops = count_flops(net, size, batch)
         peaks = {p: matmul_peak(Compute(p).dtype) for p in precisions}
         echo(f"{model} at {size} px: {flops / 1e9:.1f} GFLOP a pass; peaks {peaks}")
-        images = torch.randn(batch, 3, size, size)
+        images = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), np.uint8)
         rows = []
-        for precision in precisions:
-            for channels_last in (False, True):
-                for compiled in (False, True) if compile else (False,):
-                    compute = Compute(precision, channels_last)
-                    variant: torch.nn.Module = compute.model(build_model(model, 21).eval())
-                    compile_s = 0.0
-                    inputs = compute.inputs(images)
-
-                    def run(
-                        net: torch.nn.Module, x: torch.Tensor = inputs, c: Compute = compute
-                    ) -> Any:
-                        with torch.inference_mode(), c.autocast("cpu"):
-                            return net(x).float().argmax(1)
-
-                    if compiled:
-                        variant = torch.compile(variant, dynamic=True)  # type: ignore[assignment]
-                        began = time.perf_counter()
-                        run(variant)
-                        compile_s = time.perf_counter() - began
-                    seconds_per = _time(functools.partial(run, variant), seconds, minimum=3)
-                    gflops = flops / seconds_per / 1e9
-                    rows.append(
-                        {
-                            "precision": precision,
-                            "channels_last": channels_last,
-                            "compiled": compiled,
-                            "ms": seconds_per * 1000,
-                            "images_per_s": batch / seconds_per,
-                            "gflops": gflops,
-                            "ratio": gflops / peaks[precision],
-                            "compile_s": compile_s,
-                        }
-                    )
-                    done = compute.name + (" compiled" if compiled else "")
-                    echo(f"  {done}: {rows[-1]['ms']:.0f} ms")
+        with tempfile.TemporaryDirectory(prefix="fcnpipe-bench-model-") as tmp:
+            artifact = _artifact(net, model, tmp)
+            for backend, precision, layout, compiled in _variants(
+                precisions, compile, installed_backends()
+            ):
+                config = SegmentCompute(
+                    backend=backend,  # type: ignore[arg-type]
+                    precision=precision,  # type: ignore[arg-type]
+                    memory_format=layout,  # type: ignore[arg-type]
+                    compile=compiled,
+                )
+                began = time.perf_counter()
+                engine = load_engine(
+                    artifact, backend=backend, compute=config, device=_CPU, threads=threads
+                )
+                engine.labels(images)  # with compile: the compilation
+                compile_s = time.perf_counter() - began if compiled else 0.0
+                seconds_per = _time(functools.partial(engine.labels, images), seconds, minimum=3)
+                gflops = flops / seconds_per / 1e9
+                rows.append(
+                    {
+                        "engine": engine.name,
+                        "precision": precision,
+                        "layout": layout if backend == "torch" else "(runtime's)",
+                        "compiled": compiled,
+                        "ms": seconds_per * 1000,
+                        "images_per_s": batch / seconds_per,
+                        "gflops": gflops,
+                        "ratio": gflops / peaks[precision],
+                        "compile_s": compile_s,
+                    }
+                )
+                echo(f"  {engine.describe()}: {rows[-1]['ms']:.0f} ms")
     finally:
         torch.set_num_threads(previous)
     capabilities = torch.cpu.get_capabilities()
@@ -175,18 +224,18 @@ def format_bench_model(result: dict[str, Any]) -> str:
         f"malloc {'tuned (pipeline.cluster.WORKER_ENV)' if result['malloc_tuned'] else 'default'}",
         "matmul peak (4096^3 GEMM, BLAS or oneDNN): "
         + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in result["peaks"].items()),
-        f"{'precision':<10}{'layout':<15}{'compiled':<10}{'ms':>9}{'img/s':>8}"
+        f"{'engine':<20}{'precision':<10}{'layout':<15}{'compiled':<10}{'ms':>9}{'img/s':>8}"
         f"{'GFLOP/s':>9}{'of peak':>9}",
     ]
     fastest = min(result["rows"], key=lambda r: r["ms"])
     for row in result["rows"]:
-        layout = "channels_last" if row["channels_last"] else "contiguous"
         compiled = f"yes ({row['compile_s']:.0f} s)" if row["compiled"] else "no"
         mark = "  <- fastest" if row is fastest else ""
         lines.append(
-            f"{row['precision']:<10}{layout:<15}{compiled:<10}{row['ms']:>9.1f}"
-            f"{row['images_per_s']:>8.2f}{row['gflops']:>9.1f}{row['ratio']:>9.2f}{mark}"
+            f"{row['engine']:<20}{row['precision']:<10}{row['layout']:<15}{compiled:<10}"
+            f"{row['ms']:>9.1f}{row['images_per_s']:>8.2f}{row['gflops']:>9.1f}"
+            f"{row['ratio']:>9.2f}{mark}"
         )
     reference = result["rows"][0]
-    lines.append(f"fastest / fp32 contiguous: {reference['ms'] / fastest['ms']:.2f}x")
+    lines.append(f"fastest / torch fp32 contiguous: {reference['ms'] / fastest['ms']:.2f}x")
     return "\n".join(lines)

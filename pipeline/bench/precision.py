@@ -1,11 +1,12 @@
-"""``fcnpipe bench precision``: a trained model's label maps in another precision against fp32.
+"""``fcnpipe bench precision``: a trained model's label maps in another precision or engine,
+against torch fp32.
 
 Usage:
-    fcnpipe bench precision MODEL_URI DATASET_URI [--split val --precision auto]
+    fcnpipe bench precision MODEL_URI DATASET_URI [--split val --precision auto --backend auto]
 
-Segments every image of the split twice with the same engine the actors run
-(:class:`pipeline.segment.engines.TorchEngine`): once in fp32 NCHW, once under the precision
-policy asked (``auto`` resolves here), and prints the share of pixels whose class agrees,
+Segments every image of the split twice with the engines the actors run
+(:mod:`pipeline.segment.engines`): once with torch in fp32 NCHW, once with the engine and
+precision asked (``auto`` resolves here), and prints the share of pixels whose class agrees,
 both runs' paper metrics from their confusion matrices, and both times.
 """
 
@@ -19,11 +20,12 @@ import numpy as np
 import torch
 
 from fcn.metrics import ConfusionMatrix
-from pipeline.compute import ComputeConfig, Precision
+from pipeline.compute import Precision
 from pipeline.data.batches import samples_from_batch
 from pipeline.data.layouts import load_manifest
 from pipeline.data.reading import DatasetConfig, load_batch
-from pipeline.segment.engines import TorchEngine
+from pipeline.segment.config import SegmentCompute
+from pipeline.segment.engines import Backend, load_engine
 
 __all__ = ["bench_precision", "format_bench_precision"]
 
@@ -34,6 +36,7 @@ def bench_precision(
     *,
     split: str | None = "val",
     precision: Precision = "auto",
+    backend: Backend = "auto",
     threads: int = 2,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -46,30 +49,43 @@ def bench_precision(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if backend != "torch":
+            from pipeline.artifacts import load_card
+            from pipeline.export import ensure_onnx
+
+            ensure_onnx(model_uri, load_card(model_uri))
         manifest = load_manifest(dataset_uri, split)
         samples = samples_from_batch(load_batch(manifest, config=DatasetConfig()))
         echo(f"{len(samples)} images of {dataset_uri} ({split or 'all'})")
         sides: dict[str, Any] = {}
         labels: dict[str, list[np.ndarray]] = {}
         for side, config in (
-            ("reference", ComputeConfig(precision="fp32", memory_format="contiguous")),
-            ("candidate", ComputeConfig(precision=precision)),
+            (
+                "reference",
+                SegmentCompute(precision="fp32", memory_format="contiguous", backend="torch"),
+            ),
+            ("candidate", SegmentCompute(precision=precision, backend=backend)),
         ):
-            engine = TorchEngine(model_uri, device=torch.device("cpu"), compute=config)
-            from fcn.transforms import eval_transform
-
-            to_input = eval_transform(normalization=engine.card.normalization_name)
+            engine = load_engine(
+                model_uri,
+                backend=config.backend,
+                compute=config,
+                device=torch.device("cpu"),
+                threads=threads,
+            )
             confusion = ConfusionMatrix(engine.card.num_classes)
             began = time.perf_counter()
             maps = []
             for sample in samples:
-                label = engine.labels(to_input(sample.image, None)[0][None])[0]
-                maps.append(label.numpy())
+                label = engine.labels(np.ascontiguousarray(sample.image.transpose(2, 0, 1)[None]))[
+                    0
+                ]
+                maps.append(label)
                 if sample.mask is not None:
-                    confusion.update(label, torch.from_numpy(sample.mask.astype(np.int64)))
+                    confusion.update(label.astype(np.int64), sample.mask.astype(np.int64))
             scores = confusion.scores()
             sides[side] = {
-                "compute": engine.plan.describe(),
+                "compute": engine.describe(),
                 "seconds": time.perf_counter() - began,
                 "mean_iou": float(scores["mean_iou"]),
                 "pixel_acc": float(scores["pixel_acc"]),

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from fcn.models import build_model
-from pipeline.compute import ComputeConfig, Precision
+from pipeline.compute import Precision
 from pipeline.data.batches import samples_from_batch
 from pipeline.data.layouts import load_manifest
 from pipeline.data.reading import DatasetConfig, load_batch
 from pipeline.data.synthetic import write_synthetic
+from pipeline.segment.config import SegmentCompute
+from pipeline.segment.engines import Backend
 from pipeline.storage import join
 
 __all__ = ["bench_segment", "format_bench_segment"]
@@ -38,6 +40,8 @@ def bench_segment(
     memory_size: int = 128,
     root: str,
     precision: Precision = "auto",
+    backend: Backend = "auto",
+    reference: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Segmentation images/s: a bare model loop vs the whole pipeline, plus memory at scale.
@@ -62,6 +66,10 @@ def bench_segment(
         memory_size: Image side of the memory runs.
         precision: The precision policy of (a), (b) and the memory runs
             (:mod:`pipeline.compute`).
+        backend: The engine of (a), (b) and the memory runs
+            (:mod:`pipeline.segment.engines`).
+        reference: Also run (c), the pipeline as it ran before the precision policy and the
+            engines (torch, fp32, NCHW), for the ratio b/c.
         root: Scratch URI for the data, models and tables (a local directory, or an
             ``s3://`` prefix: the CLI starts a SeaweedFS server on 127.0.0.1 for it).
         echo: Where progress lines go.
@@ -78,12 +86,12 @@ def bench_segment(
             stack.callback(ray.shutdown)
         data = join(root, "data")
         write_synthetic(data, num_images=num_images, size=size, val_fraction=0.0)
-        model_uri = _random_model(join(root, "model"), model)
+        model_uri = _random_model(join(root, "model"), model, onnx=backend != "torch")
 
         echo(
             f"(a) bare loop: {model} on {num_images} decoded images of {size} px, {threads} threads"
         )
-        compute = ComputeConfig(precision=precision)
+        compute = SegmentCompute(precision=precision, backend=backend)
         # In a Ray worker, as the actor: the same process environment (pipeline.cluster).
         ensure_ray(num_cpus=threads + 1)
         bare, stages, plan = ray.get(
@@ -103,14 +111,37 @@ def bench_segment(
                 batch_size=1,
                 threads_per_actor=threads,
                 precision=precision,
+                backend=backend,
             ),
             echo=echo,
         )
         full = result.num_images / (time.perf_counter() - began)
         steady = result.steady_images_per_s or full
+        before = None
+        if reference:
+            echo("(c) full pipeline with torch fp32 NCHW (no precision policy, no engines)")
+            began = time.perf_counter()
+            old = segment(
+                make(
+                    SegmentConfig,
+                    input_uri=data,
+                    model_uri=model_uri,
+                    output_uri=join(root, "out"),
+                    run_id="bench-fp32",
+                    batch_size=1,
+                    threads_per_actor=threads,
+                    backend="torch",
+                    precision="fp32",
+                    memory_format="contiguous",
+                ),
+                echo=echo,
+            )
+            before = old.steady_images_per_s or old.num_images / (time.perf_counter() - began)
 
         memory = []
-        memory_uri = _random_model(join(root, "memory-model"), memory_model)
+        memory_uri = _random_model(
+            join(root, "memory-model"), memory_model, onnx=backend != "torch"
+        )
         for count in (num_images, num_images * scale):
             mem_data = join(root, f"mem-{count}")
             write_synthetic(mem_data, num_images=count, size=memory_size, val_fraction=0.0)
@@ -125,6 +156,7 @@ def bench_segment(
                         run_id=f"mem-{count}",
                         threads_per_actor=threads,
                         precision=precision,
+                        backend=backend,
                     ),
                     echo=echo,
                 )
@@ -138,12 +170,13 @@ def bench_segment(
         "threads": threads,
         "source": "s3" if root.startswith("s3://") else "local",
         "compute": plan,
-        "pipeline_precision": result.precision,
+        "pipeline_engine": f"{result.engine} {result.precision}",
         "bare": bare,
         "full": full,
         "ratio": full / bare,
         "steady": steady,
         "steady_ratio": steady / bare,
+        "reference": before,
         "stages_ms": stages,
         "memory": memory,
     }
@@ -155,8 +188,9 @@ def format_bench_segment(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}, {result['num_images']} images of {result['size']} px, "
         f"{result['threads']} threads, read from {result['source']}",
-        f"compute: {result['compute']}; pipeline actor ran {result['pipeline_precision']}",
-        f"(a) bare model loop on decoded tensors  {result['bare']:8.2f} img/s",
+        f"engine (a): {result['compute']}",
+        f"engine (b): {result['pipeline_engine']}",
+        f"(a) bare engine loop on decoded images  {result['bare']:8.2f} img/s",
         f"(b) full pipeline, bytes -> Parquet     {result['full']:8.2f} img/s",
         f"b/a                                     {result['ratio']:8.2f}",
         f"(b) once the actor is up (first to last row) {result['steady']:8.2f} img/s, "
@@ -164,6 +198,11 @@ def format_bench_segment(result: dict[str, Any]) -> str:
         "per image, timed alone: "
         + ", ".join(f"{name} {value:.1f} ms" for name, value in stages.items()),
     ]
+    if result["reference"]:
+        lines.append(
+            f"(c) torch fp32 NCHW pipeline, steady {result['reference']:8.2f} img/s; "
+            f"b/c {result['steady'] / result['reference']:.2f}"
+        )
     for row in result["memory"]:
         lines.append(
             f"memory, {row['images']:5d} images: driver peak {row['driver_mb']:.0f} MB, "
@@ -172,8 +211,9 @@ def format_bench_segment(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _random_model(uri: str, name: str) -> str:
-    """A model artifact with random score layers (its label maps vary like a trained one's)."""
+def _random_model(uri: str, name: str, *, onnx: bool = False) -> str:
+    """A model artifact with random score layers (its label maps vary like a trained one's),
+    with its ONNX export where ``onnx``."""
     from fcn.synthetic import CLASS_NAMES
     from pipeline.artifacts import ModelCard, save_model
 
@@ -193,17 +233,20 @@ def _random_model(uri: str, name: str) -> str:
         normalization={"name": "imagenet"},
     )
     save_model(net, card, uri)
+    if onnx:
+        from pipeline.export import export_onnx
+
+        export_onnx(uri)
     return uri
 
 
 def _bare_segment_loop(
-    data: str, model_uri: str, threads: int, compute: ComputeConfig
+    data: str, model_uri: str, threads: int, compute: SegmentCompute
 ) -> tuple[float, dict[str, float], str]:
-    """Images/s of the engine alone (what an actor runs, without Ray), the per-image cost of
-    the stages around it, and the precision policy it resolved to."""
+    """Images/s of the engine alone (what an actor runs, without Ray Data), the per-image cost
+    of the stages around it, and the engine the policy resolved to."""
     from fcn.palette import encode_label_png
-    from fcn.transforms import eval_transform
-    from pipeline.segment.engines import TorchEngine
+    from pipeline.segment.engines import load_engine
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -212,19 +255,24 @@ def _bare_segment_loop(
         began = time.perf_counter()
         samples = samples_from_batch(load_batch(manifest, config=DatasetConfig()))
         decode_ms = (time.perf_counter() - began) * 1000 / len(samples)
-        engine = TorchEngine(model_uri, device=torch.device("cpu"), compute=compute)
-        to_input = eval_transform(normalization=engine.card.normalization_name)
-        inputs = [to_input(s.image, None)[0][None] for s in samples]
+        engine = load_engine(
+            model_uri,
+            backend=compute.backend,
+            compute=compute,
+            device=torch.device("cpu"),
+            threads=threads,
+        )
+        inputs = [np.ascontiguousarray(s.image.transpose(2, 0, 1)[None]) for s in samples]
         engine.labels(inputs[0])  # warm-up
         began = time.perf_counter()
-        labels = [engine.labels(x)[0].numpy() for x in inputs]
+        labels = [engine.labels(x)[0] for x in inputs]
         seconds = time.perf_counter() - began
         began = time.perf_counter()
         for label in labels:
             encode_label_png(label.astype(np.uint8))
         png_ms = (time.perf_counter() - began) * 1000 / len(labels)
         stages = {"model": seconds * 1000 / len(inputs), "read+decode": decode_ms, "png": png_ms}
-        return len(inputs) / seconds, stages, engine.plan.describe()
+        return len(inputs) / seconds, stages, engine.describe()
     finally:
         torch.set_num_threads(previous)
 

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.compute import ComputeConfig
 from pipeline.data.batches import Sample, samples_from_batch
 from pipeline.faults import Faults
-from pipeline.segment.engines import TorchEngine
+from pipeline.segment.config import SegmentCompute
+from pipeline.segment.engines import load_engine
 from pipeline.storage import StorageOptions
 
 __all__ = ["COUNTS", "SEGMENT_OUTPUT", "ActorPlan", "Segmenter", "group_by_size"]
@@ -39,7 +39,8 @@ SEGMENT_OUTPUT = pa.schema(
         pa.field("stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("message", pa.string()),
-        # How the model ran (pipeline.compute), on predictions:
+        # How the model ran (engine and precision), on predictions:
+        pa.field("engine", pa.string()),
         pa.field("precision", pa.string()),
         pa.field("channels_last", pa.bool_()),
     ]
@@ -62,7 +63,7 @@ class ActorPlan:
     palette: bool
     write_png: str | None
     storage: StorageOptions
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    compute: SegmentCompute = field(default_factory=SegmentCompute)
     faults: Faults | None = None
 
 
@@ -98,19 +99,18 @@ class Segmenter:
     def __init__(self, plan: ActorPlan) -> None:
         import torch
 
-        from fcn.transforms import eval_transform
-
         torch.set_num_threads(plan.threads)
         self.plan = plan
-        self.engine = TorchEngine(
+        self.engine = load_engine(
             plan.model_uri,
-            device=torch.device("cuda" if plan.use_gpu else "cpu"),
+            backend=plan.compute.backend,
             compute=plan.compute,
+            device=torch.device("cuda" if plan.use_gpu else "cpu"),
+            threads=plan.threads,
             resize=plan.resize,
             storage=plan.storage,
         )
-        self.compute_plan = self.engine.plan
-        self.to_input = eval_transform(normalization=self.engine.card.normalization_name)
+        print(f"segmentation engine: {self.engine.describe()}", flush=True)
         self.mirror = (
             None if plan.write_png is None else storage.resolve(plan.write_png, plan.storage)
         )
@@ -118,8 +118,6 @@ class Segmenter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Segment one batch of decoded rows; errors pass through as error rows."""
-        import torch
-
         from fcn.metrics import confusion_matrix, per_class_counts
         from fcn.palette import encode_label_png
 
@@ -144,8 +142,8 @@ class Segmenter:
         for group in group_by_size(samples, max_batch=max(1, len(samples))):
             began = time.perf_counter()
             try:
-                inputs = torch.stack([self.to_input(s.image, None)[0] for s in group])
-                labels = self.engine.labels(inputs).cpu().numpy().astype(np.uint8)
+                images = np.stack([s.image for s in group]).transpose(0, 3, 1, 2)
+                labels = self.engine.labels(np.ascontiguousarray(images)).astype(np.uint8)
             except Exception as exc:  # e.g. out of memory on one huge image: not the batch
                 for s in group:
                     i = index[s.image_id]
@@ -160,8 +158,9 @@ class Segmenter:
                 out["label_map"][i] = png
                 out["class_pixel_counts"][i] = np.bincount(label.ravel(), minlength=n)[:n].tolist()
                 out["latency_ms"][i] = latency
-                out["precision"][i] = self.compute_plan.precision
-                out["channels_last"][i] = self.compute_plan.channels_last
+                out["engine"][i] = self.engine.name
+                out["precision"][i] = self.engine.precision
+                out["channels_last"][i] = self.engine.channels_last
                 if sample.mask is not None:
                     counts = per_class_counts(confusion_matrix(label, sample.mask, n))
                     for name in COUNTS:

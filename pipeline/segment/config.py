@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pipeline.compute import ComputeConfig
-from pipeline.config import FORBID
+from pipeline.config import FORBID, check_choice
 from pipeline.data.reading import DatasetConfig
 from pipeline.errors import ConfigError
+from pipeline.segment.engines import BACKENDS, Backend
 from pipeline.tables import validate_run_id
 
-__all__ = ["SegmentConfig", "SegmentData", "SegmentOutput", "SegmentScaling"]
+__all__ = ["SegmentCompute", "SegmentConfig", "SegmentData", "SegmentOutput", "SegmentScaling"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +94,21 @@ class SegmentOutput:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SegmentCompute(ComputeConfig):
+    """The precision policy, plus the engine that runs the model."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = FORBID
+
+    backend: Backend = "auto"
+    """``auto`` (the fastest installed engine on each actor's machine, measured), ``torch``,
+    ``onnxruntime`` (fp32) or ``openvino`` (the ONNX ones run the artifact's ONNX export)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("backend", self.backend, BACKENDS)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SegmentConfig:
     """One segmentation job: which images, which model, where the tables go, how wide."""
 
@@ -115,8 +131,8 @@ class SegmentConfig:
     """Actors, devices, batches."""
     output: SegmentOutput = field(default_factory=SegmentOutput)
     """What is written besides the tables."""
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    """Precision, memory layout, compilation (chosen on each actor for ``auto``)."""
+    compute: SegmentCompute = field(default_factory=SegmentCompute)
+    """Engine, precision, memory layout, compilation (chosen on each actor for ``auto``)."""
 
     def __post_init__(self) -> None:
         if self.run_id is not None:

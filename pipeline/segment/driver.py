@@ -42,6 +42,7 @@ from pipeline.errors import ConfigError
 from pipeline.faults import Faults
 from pipeline.segment.actor import COUNTS, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
+from pipeline.segment.engines import Backend
 from pipeline.storage import StorageOptions
 from pipeline.tables import RunWriter, check_not_committed, new_run_id, runs_row
 
@@ -77,6 +78,8 @@ class SegmentResult:
     """Images/s from the first result to the last: the rate once the actors are up."""
     precision: str | None = None
     """What the model ran in (``pipeline.compute``); None when nothing was left to do."""
+    engine: str | None = None
+    """The engine that ran it (``pipeline.segment.engines``), e.g. ``torch 2.14.1``."""
 
 
 def segment(
@@ -101,7 +104,7 @@ def segment(
     """
     started = datetime.now(UTC)
     clock = time.perf_counter()
-    job = _preflight(config, config.run_id or new_run_id("segment"))
+    job = _preflight(config, config.run_id or new_run_id("segment"), echo)
     done = job.writer.existing_ids("predictions") | (job.writer.existing_ids("errors") - {None})
     todo = job.manifest.filter(
         pc.invert(pc.is_in(job.manifest["image_id"], pa.array(sorted(done), pa.string())))
@@ -143,6 +146,7 @@ def segment(
                 images_per_s=images_per_s,
                 precision=stream.precision,
                 channels_last=stream.channels_last,
+                engine=stream.engine,
             )
         ],
     )
@@ -155,8 +159,9 @@ def segment(
     )
     if scores is not None and scores["mean_iou"] is not None:
         summary += f", mean IoU {scores['mean_iou']:.3f}"
-    if stream.precision is not None:
-        summary += f"; {stream.precision}{' + channels_last' if stream.channels_last else ''}"
+    if stream.engine is not None:
+        layout = " + channels_last" if stream.channels_last else ""
+        summary += f"; {stream.engine} {stream.precision}{layout}"
     echo(summary)
     return SegmentResult(
         run_id=job.run_id,
@@ -169,6 +174,7 @@ def segment(
         seconds=time.perf_counter() - clock,
         steady_images_per_s=stream.steady,
         precision=stream.precision,
+        engine=stream.engine,
     )
 
 
@@ -181,9 +187,10 @@ class _Job:
     card: ModelCard
     manifest: pa.Table
     writer: RunWriter
+    backend: Backend
 
 
-def _preflight(config: SegmentConfig, run_id: str) -> _Job:
+def _preflight(config: SegmentConfig, run_id: str, echo: Callable[[str], None]) -> _Job:
     """Check the model, the input and the run before Ray starts; open the run's writer."""
     options = config.data.read.storage.with_environment()
     out = storage.resolve(config.output_uri, options)
@@ -207,11 +214,41 @@ def _preflight(config: SegmentConfig, run_id: str) -> _Job:
             f"{config.input_uri} has {len(meta.class_names)} classes, the model "
             f"{config.model_uri} {card.num_classes}: masks would be scored against other classes"
         )
+    backend = _onnx_ready(config, card, options, echo)
     # The driver decides when files are written (see _Tables), not a per-table size limit.
     writer = RunWriter(
         out, run_id, "segment", overwrite=config.overwrite, max_rows=_NO_LIMIT, max_bytes=_NO_LIMIT
     )
-    return _Job(run_id=run_id, options=options, card=card, manifest=manifest, writer=writer)
+    return _Job(
+        run_id=run_id,
+        options=options,
+        card=card,
+        manifest=manifest,
+        writer=writer,
+        backend=backend,
+    )
+
+
+def _onnx_ready(
+    config: SegmentConfig, card: ModelCard, options: StorageOptions, echo: Callable[[str], None]
+) -> Backend:
+    """The backend the actors get, with the artifact's ONNX export made where an engine needs
+    it (once, into the artifact; a few seconds). ``auto`` without a way to write the export
+    falls back to torch, saying so; an ONNX engine asked for by name fails instead."""
+    from pipeline.artifacts import ArtifactError
+    from pipeline.export import ensure_onnx
+
+    backend = config.compute.backend
+    if backend == "torch" or (backend == "auto" and config.scaling.use_gpu):
+        return backend
+    try:
+        ensure_onnx(config.model_uri, card, options)
+    except ArtifactError as exc:
+        if backend != "auto":
+            raise
+        echo(f"warning: {exc}; segmenting with torch")
+        return "torch"
+    return backend
 
 
 @dataclass
@@ -222,10 +259,12 @@ class _Stream:
     """Rows (good and error) the actors returned."""
     steady: float | None = None
     """Images/s from the first result to the last: the rate once the actors are up."""
+    engine: str | None = None
+    """The engine most predictions ran in (each actor chooses; they normally agree)."""
     precision: str | None = None
-    """The precision most predictions ran in (each actor chooses; they normally agree)."""
+    """Its precision."""
     channels_last: bool | None = None
-    """Whether those ran channels_last."""
+    """Whether it ran channels_last (None for the ONNX engines)."""
 
 
 def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | None) -> _Stream:
@@ -243,7 +282,7 @@ def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | N
         palette=config.output.palette,
         write_png=config.output.write_png,
         storage=job.options,
-        compute=config.compute,
+        compute=replace(config.compute, backend=job.backend),
         faults=faults,
     )
     # Blocks of about one actor batch: results stream back (and into files) steadily.
@@ -272,12 +311,14 @@ def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | N
     exit_after = None if faults is None else faults.driver_exit_after
     tables = _Tables(job.writer, config.output.rows_per_file, fail_after=exit_after)
     out, first_rows = _Stream(), 0
-    computes: collections.Counter[tuple[str, bool]] = collections.Counter()
+    computes: collections.Counter[tuple[str, str, bool | None]] = collections.Counter()
     first_batch_at = last_batch_at = 0.0
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         rows = pa.table(batch)
         tables.write(rows, job.card.class_names, config.model_uri)
-        ran = rows.select(["precision", "channels_last"]).drop_null()
+        ran = rows.filter(rows["engine"].is_valid()).select(
+            ["engine", "precision", "channels_last"]
+        )
         computes.update(zip(*(ran[c].to_pylist() for c in ran.column_names), strict=True))
         if not out.processed:
             first_batch_at, first_rows = time.perf_counter(), rows.num_rows
@@ -287,7 +328,7 @@ def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | N
     if last_batch_at > first_batch_at:  # after start-up: actors up, the model loaded
         out.steady = (out.processed - first_rows) / (last_batch_at - first_batch_at)
     if computes:
-        (out.precision, out.channels_last), _ = computes.most_common(1)[0]
+        (out.engine, out.precision, out.channels_last), _ = computes.most_common(1)[0]
     return out
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from ray.train import DataConfig
 
 from fcn.losses import median_frequency_weights
@@ -140,6 +141,7 @@ def train(
                 images_per_s=sum(rates) / len(rates) if rates else None,
                 precision=exported.compute.get("precision"),
                 channels_last=exported.compute.get("channels_last"),
+                engine=f"torch {torch.__version__.split('+')[0]}",
             )
         ],
     )

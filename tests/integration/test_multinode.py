@@ -284,6 +284,7 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
         "segment", inbox, "--model", model_uri, "--output", out, "--run-id", "inbox",
         "--actors", "2", "--cpus-per-actor", "1", "--threads-per-actor", "1",
         "--batch-size", "1", "--rows-per-file", "1", "--stall-actors-after", "2",
+        "--backend", "onnxruntime",  # the artifact's ONNX export, made by the driver first
     ])  # fmt: skip
     # Each actor stalls before its third image (the hidden fault hook) until released: the
     # node of the first one stalled dies with that image in flight, however fast the model.
@@ -304,6 +305,7 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     assert done < GOOD_IMAGES, "the node died mid-run"
     job = _finished(cluster, thread, outcome, lines)
     print(f"segmentation job {job.submission_id} succeeded in {job.seconds:.0f} s")
+    assert read_table(out, "runs", run_ids=["inbox"])["engine"][0].as_py().startswith("onnxruntime")
 
     ids = read_table(out, "predictions", run_ids=["inbox"])["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == GOOD_IMAGES  # every good image once, none twice

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fcn.metrics import confusion_matrix, scores
 from fcn.models import build_model
@@ -38,7 +40,7 @@ from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import segment
 from pipeline.storage import join, list_files, read_bytes, write_bytes
 from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
-from tests.cli import FCNPIPE
+from tests.cli import FCNPIPE, fcnpipe_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +93,9 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
             actors=1,
             cpus_per_actor=0.5,
             write_png=mirror,
-            precision="fp32",  # as the reference (other precisions: tests/unit/test_compute.py)
+            # As the reference (other engines and precisions: tests/unit/test_compute.py).
+            backend="torch",
+            precision="fp32",
             memory_format="contiguous",
         )
     )
@@ -171,6 +175,7 @@ def test_images_only_prefix_and_overwrite(tmp_path: Path, ray_local: None) -> No
         output_uri=out,
         run_id="flat",
         cpus_per_actor=0.5,
+        backend="torch",  # engines: tests/unit/test_compute.py
     )
     first = segment(config)
     assert first.scores is None and (first.num_images, first.num_errors) == (3, 1)
@@ -196,7 +201,7 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
     args = [
         FCNPIPE, "segment", data, "--model", model_uri, "--output", out, "--batch-size", "2",
-        "--rows-per-file", "2", "--cpus-per-actor", "0.5", "--num-cpus", "2",
+        "--rows-per-file", "2", "--cpus-per-actor", "0.5", "--num-cpus", "2", "--backend", "torch",
     ]  # fmt: skip
     # The driver dies abruptly (os._exit, as a kill would) once 6 predictions are in files.
     first = subprocess.run(
@@ -215,7 +220,7 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     segment(
         make(SegmentConfig,
             input_uri=data, model_uri=model_uri, output_uri=out, run_id="whole", batch_size=2,
-            rows_per_file=2, cpus_per_actor=0.5,
+            rows_per_file=2, cpus_per_actor=0.5, backend="torch",
         )
     )  # fmt: skip
 
@@ -239,6 +244,8 @@ def test_bench_segment_reports_speed_stages_and_memory(ray_local: None, tmp_path
         model="fcn32s_resnet18",
         scale=2,
         memory_size=32,
+        backend="torch",
+        reference=False,
         root=str(tmp_path / "bench"),
     )
     assert result["bare"] > 0 and result["full"] > 0
@@ -273,6 +280,7 @@ def test_s3_restart_mid_run_is_retried(
                     batch_size=2,
                     rows_per_file=2,
                     cpus_per_actor=0.5,
+                    backend="torch",  # engines: tests/unit/test_compute.py
                 ),
                 faults=faults,
             )
@@ -294,3 +302,55 @@ def test_s3_restart_mid_run_is_retried(
     predictions = read_table(out, "predictions")["image_id"].to_pylist()
     assert len(predictions) == len(set(predictions)) == 39
     assert [e["image_id"] for e in read_table(out, "errors").to_pylist()] == ["shapes_000003"]
+
+
+def _readme_onnx_client() -> str:
+    """The ONNX Runtime client of the README (the code block after its marker)."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    block = text.split("<!-- onnx-client -->", 1)[1].split("```python\n", 1)[1]
+    return block.split("```", 1)[0]
+
+
+def test_the_readme_onnx_client_gets_the_label_maps_of_segment(
+    tmp_path: Path, ray_local: None
+) -> None:
+    """`fcnpipe export` gives a graph a plain ONNX Runtime client (no fcnpipe, no torch)
+    runs to the label maps `fcnpipe segment` writes (fp32: >= 99.9 % of pixels)."""
+    data, _ = _dataset(str(tmp_path), num_images=4)
+    model_uri = _model(str(tmp_path))
+    exported = fcnpipe_in_process("export", model_uri)
+    assert exported.returncode == 0 and "opset 18" in exported.stdout, exported.stderr
+    out = str(tmp_path / "out")
+    segment(
+        make(
+            SegmentConfig,
+            input_uri=data,
+            model_uri=model_uri,
+            output_uri=out,
+            run_id="served",
+            cpus_per_actor=0.5,
+            backend="torch",
+            precision="fp32",
+            memory_format="contiguous",
+        )
+    )
+    client = tmp_path / "client.py"
+    client.write_text(_readme_onnx_client())
+    same = total = 0
+    for row in read_table(out, "predictions").to_pylist():
+        target = tmp_path / f"{row['image_id']}.png"
+        script = (
+            "import runpy, sys\n"
+            f"sys.argv = ['client.py', {model_uri + '/model.onnx'!r}, {row['image_uri']!r}, "
+            f"{str(target)!r}]\n"
+            f"runpy.run_path({str(client)!r}, run_name='__main__')\n"
+            "assert 'torch' not in sys.modules, 'the client imported torch'\n"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        theirs = np.asarray(Image.open(target))
+        ours = decode_label_png(row["label_map"])
+        same, total = same + int((theirs == ours).sum()), total + ours.size
+    assert total > 0 and same / total >= 0.999, same / total

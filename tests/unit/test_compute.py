@@ -214,3 +214,132 @@ def test_gpu_training_step_and_agreement(trained: torch.nn.Module, precision: st
         same, total = same + int((a == b).sum()), total + a.numel()
     FP32.model(trained).cpu()
     assert same / total >= 0.995
+
+
+# -- engines ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(trained: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The trained model as an artifact with its ONNX export."""
+    from pipeline.artifacts import ModelCard, save_model
+    from pipeline.export import export_onnx
+
+    uri = str(tmp_path_factory.mktemp("artifact") / "model")
+    card = ModelCard(
+        run_id="small",
+        architecture="fcn8s",
+        backbone="resnet18",
+        num_classes=len(CLASS_NAMES),
+        class_names=list(CLASS_NAMES),
+        normalization={"name": "imagenet"},
+    )
+    save_model(FP32.model(trained), card, uri)
+    export_onnx(uri)
+    return uri
+
+
+def _engine_labels(engine: object, val: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    return [
+        engine.labels(np.ascontiguousarray(image.transpose(2, 0, 1)[None]))[0]  # type: ignore[attr-defined]
+        for image, _ in val
+    ]
+
+
+def _mean_iou(labels: list[np.ndarray], val: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    cm = ConfusionMatrix(len(CLASS_NAMES))
+    for label, (_, mask) in zip(labels, val, strict=True):
+        cm.update(torch.from_numpy(label.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))
+    return float(cm.scores()["mean_iou"])
+
+
+ENGINES = [
+    ("onnxruntime", "fp32", 0.999, 0.002),
+    ("openvino", "fp32", 0.999, 0.002),
+    ("openvino", "bf16", 0.995, 0.005),
+    ("torch", "bf16", 0.995, 0.005),
+]
+
+
+@pytest.mark.parametrize(("backend", "precision", "agreement", "iou_gap"), ENGINES)
+def test_every_engine_segments_like_torch_fp32(
+    exported: str, backend: str, precision: str, agreement: float, iou_gap: float
+) -> None:
+    from pipeline.segment.config import SegmentCompute
+    from pipeline.segment.engines import load_engine
+
+    val = [make_sample(i, size=96, seed=2) for i in range(8)]
+    reference = load_engine(
+        exported,
+        backend="torch",
+        compute=SegmentCompute(precision="fp32", memory_format="contiguous"),
+        device=CPU,
+        threads=2,
+    )
+    engine = load_engine(
+        exported,
+        backend=backend,
+        compute=SegmentCompute(precision=precision),  # type: ignore[arg-type]
+        device=CPU,
+        threads=2,
+    )
+    assert engine.precision == precision and engine.name.startswith(backend)
+    expected, got = _engine_labels(reference, val), _engine_labels(engine, val)
+    same = sum(int((a == b).sum()) for a, b in zip(expected, got, strict=True))
+    assert same / sum(a.size for a in expected) >= agreement
+    assert abs(_mean_iou(got, val) - _mean_iou(expected, val)) <= iou_gap
+
+
+def test_auto_engine_is_the_fastest_measured_and_says_so(
+    exported: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.segment import engines
+    from pipeline.segment.config import SegmentCompute
+
+    seconds = {"torch": 0.030, "onnxruntime": 0.010, "openvino": 0.020}
+    monkeypatch.setattr(engines, "_engine_seconds", lambda build, name, side: seconds[name])
+    engine = engines.load_engine(
+        exported, backend="auto", compute=SegmentCompute(), device=CPU, threads=2
+    )
+    assert engine.name.startswith("onnxruntime")
+    assert "auto engine, measured torch 30 ms, onnxruntime 10 ms, openvino 20 ms" in (
+        engine.describe()
+    )
+
+
+def test_bad_engine_inputs_are_one_line(
+    exported: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from pipeline.artifacts import ArtifactError
+    from pipeline.errors import ConfigError
+    from pipeline.export import OnnxMismatch
+    from pipeline.segment import engines
+    from pipeline.segment.config import SegmentCompute
+
+    def load(uri: str, backend: str, **compute: str) -> object:
+        config = SegmentCompute(**compute)  # type: ignore[arg-type]
+        return engines.load_engine(uri, backend=backend, compute=config, device=CPU, threads=1)
+
+    # A changed ONNX file: refused, naming the object and the fix.
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(exported, tampered)
+    onnx = Path(tampered) / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(OnnxMismatch, match=r"model.onnx: its SHA-256 .* \(`fcnpipe export"):
+        load(tampered, "onnxruntime")
+    # An artifact without an export: the fix is `fcnpipe export`.
+    bare = str(tmp_path / "bare")
+    shutil.copytree(exported, bare)
+    card = json.loads((Path(bare) / "model.json").read_text())
+    card["onnx"] = None
+    (Path(bare) / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match="has no ONNX export: run `fcnpipe export"):
+        load(bare, "openvino")
+    # An engine that is not installed, and a precision an engine cannot run.
+    monkeypatch.setattr(engines, "installed_backends", lambda: ["torch", "onnxruntime"])
+    with pytest.raises(ConfigError, match=r"openvino: its package .* is not installed"):
+        load(exported, "openvino")
+    with pytest.raises(ConfigError, match="onnxruntime runs fp32 on a CPU"):
+        load(exported, "onnxruntime", precision="bf16")

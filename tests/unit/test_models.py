@@ -96,15 +96,17 @@ def _randomised(head: FCNHead, names: Iterable[str], seed: int = 2) -> FCNHead:
 
 def _upsample_only(head: FCNHead, features: Mapping[int, Tensor], size: Sequence[int]) -> Tensor:
     """``head`` with its skip branches removed: score_fr through every upsampler, same crops."""
+    from fcn.models import _upsample  # = up(x, output_size=...): tested below
+
     score = head.score_fr(features[32])
     for up, stride in zip(head.upsamplers, head.skips, strict=False):
         if head.offsets is None:
-            score = up(score, output_size=list(features[stride].shape[-2:]))
+            score = _upsample(up, score, features[stride].shape[-2:])
         else:
             score = up(score)
     final = head.upsamplers[-1]
     if head.offsets is None:
-        return final(score, output_size=list(size))
+        return _upsample(final, score, size)
     offset = head.offsets[1]
     return final(score)[..., offset : offset + size[0], offset : offset + size[1]]
 
@@ -503,3 +505,23 @@ def test_load_backbone_weights_vgg16_goes_through_surgery() -> None:
     assert report.loaded == ("features.28.bias", "classifier.3.weight", "classifier.3.bias")
     assert report.ignored == ("classifier.6.weight",)
     assert "fc6.weight" in report.missing and "features.0.weight" in report.missing
+
+
+@pytest.mark.parametrize("factor", [2, 8, 16, 32])
+@pytest.mark.parametrize("size", [(7, 9), (333, 517), (500, 375)])
+def test_upsampling_to_a_size_needs_no_size_dependent_padding(
+    factor: int, size: tuple[int, int]
+) -> None:
+    # The heads crop the largest output (output_padding = stride - 1) rather than pass a
+    # size-dependent output_padding (output_size=), so the graph exports with symbolic sizes;
+    # the values are the same.
+    from fcn.models import _upsample
+
+    up = nn.ConvTranspose2d(3, 3, 2 * factor - 1, stride=factor, padding=factor - 1, bias=False)
+    cells = [(side + factor - 1) // factor for side in size]
+    x = torch.randn(1, 3, *cells)
+    with torch.inference_mode():
+        expected = up(x, output_size=list(size))
+        got = _upsample(up, x, size)
+    assert got.shape == expected.shape == (1, 3, *size)
+    assert torch.allclose(got, expected, atol=1e-5)
