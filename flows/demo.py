@@ -26,6 +26,7 @@ from flows.pipelines import TrainAndSegmentResult, train_and_segment_flow
 from pipeline.config import make
 from pipeline.data.synthetic import write_synthetic
 from pipeline.errors import ConfigError
+from pipeline.plan import AUTO, Auto
 from pipeline.results.output import print_class_iou, print_paper_table
 from pipeline.train.config import TrainConfig
 
@@ -63,8 +64,8 @@ class DemoConfig:
     """AdamW learning rate (poly decay)."""
     class_weighting: str = "none"
     """Loss weights per class: ``none`` or ``median_frequency``."""
-    num_workers: int = 2
-    """Ray Train workers (DDP ranks)."""
+    num_workers: int | Auto = AUTO
+    """Ray Train workers (DDP ranks); auto: sized from the machine (``pipeline.plan``)."""
     num_cpus: int | None = None
     """CPUs of the embedded Ray (None: all cores)."""
     seed: int = 0
@@ -77,7 +78,11 @@ class DemoConfig:
             raise ConfigError(f"num_images must be >= 8, got {self.num_images}")
         if self.size < 32:
             raise ConfigError(f"size must be >= 32 pixels, got {self.size}")
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+        if (
+            self.epochs < 1
+            or self.batch_size < 1
+            or (self.num_workers != AUTO and self.num_workers < 1)
+        ):
             raise ConfigError("epochs, batch_size and num_workers must be >= 1")
 
     def train_config(self, dataset_uri: str, output_uri: str) -> TrainConfig:

@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from fcn.metrics import PAPER_METRICS
 from flows.ray_jobs import JobStopped
 from pipeline.errors import ConfigError, InputError
+from pipeline.plan import AUTO, Auto
 from pipeline.results.output import format_score
 from pipeline.results.reader import Results, RunSummary
 from pipeline.segment.config import SegmentConfig, SegmentData, SegmentScaling
@@ -306,8 +307,8 @@ class TrainAndSegmentResult:
 @flow(name="fcnpipe-train-and-segment", validate_parameters=True)
 def train_and_segment_flow(
     config: TrainConfig,
-    actors: int = 1,
-    batch_size: int = 8,
+    actors: int | Auto = AUTO,
+    batch_size: int = 16,
     segment_run_id: str | None = None,
     html_report: str | None = None,
     ray_address: str | None = None,
@@ -317,7 +318,7 @@ def train_and_segment_flow(
 
     Args:
         config: The training job; its val split is what gets segmented.
-        actors: Inference actors of the segmentation.
+        actors: Inference actors of the segmentation (auto: sized from the cluster).
         batch_size: Images per actor call.
         segment_run_id: Run id of the segmentation (None: derived from this flow run).
         html_report: Local path to write the segmentation run's HTML report to.

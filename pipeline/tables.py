@@ -168,6 +168,7 @@ RUNS = pa.schema(
         pa.field("precision", pa.string()),  # fp32, bf16 or fp16: what the model ran in
         pa.field("channels_last", pa.bool_()),
         pa.field("engine", pa.string()),  # e.g. torch 2.14.1, openvino 2026.4.1
+        pa.field("plan", pa.string()),  # how it was sized (pipeline.plan), one line
     ]
 )
 """One row per run."""
@@ -317,6 +318,7 @@ def runs_row(
     precision: str | None = None,
     channels_last: bool | None = None,
     engine: str | None = None,
+    plan: str | None = None,
 ) -> dict[str, Any]:
     """A run's ``runs`` row (the metrics from ``fcn.metrics.scores``; None without masks).
 
@@ -334,6 +336,7 @@ def runs_row(
         precision: What the model ran in (``pipeline.compute``).
         channels_last: Whether it ran in channels_last memory format.
         engine: The runtime that ran it (training: torch).
+        plan: How the run was sized (``pipeline.plan``: actors or ranks, threads, batches).
     """
     from fcn.metrics import PAPER_METRICS, nan_to_none
 
@@ -353,6 +356,7 @@ def runs_row(
         "precision": precision,
         "channels_last": channels_last,
         "engine": engine,
+        "plan": plan,
     }
 
 

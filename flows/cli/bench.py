@@ -216,8 +216,16 @@ def bench_segment(
     local: Annotated[bool, typer.Option(help="Read local files instead of a local S3.")] = False,
     precision: PrecisionOption = "auto",
     backend: BackendOption = "auto",
+    photos: Annotated[
+        int, typer.Option(min=0, help="Photos of the multi-megapixel case (d); 0 skips it.")
+    ] = 12,
+    photo_size: Annotated[
+        str, typer.Option(metavar="HxW", help="Their size, e.g. 2000x3000.")
+    ] = "2000x3000",
+    photo_model: Annotated[str, typer.Option(help="Model of (d).")] = "fcn8s_resnet18",
 ) -> None:
-    """Segmentation images/s: bare model loop vs the whole pipeline; peak memory at scale."""
+    """Segmentation images/s: bare model loop vs the whole pipeline (one actor, then every
+    option auto on multi-megapixel photos); peak memory at scale."""
     from pipeline.bench.segment import bench_segment as run_bench
     from pipeline.bench.segment import format_bench_segment
 
@@ -234,9 +242,24 @@ def bench_segment(
             root=root,
             precision=_precision(precision),
             backend=_backend(backend),
+            photos=photos,
+            photo_size=_size(photo_size),
+            photo_model=photo_model,
             echo=typer.echo,
         )
     typer.echo(format_bench_segment(result))
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` as (height, width), or a one-line error."""
+    height, _, width = text.lower().partition("x")
+    try:
+        size = int(height), int(width)
+    except ValueError:
+        raise typer.BadParameter(f"expected HxW (e.g. 2000x3000), got {text!r}") from None
+    if min(size) < 32:
+        raise typer.BadParameter(f"photos must be at least 32x32, got {text!r}")
+    return size
 
 
 @experiment_app.command("skips")

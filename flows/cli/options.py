@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
@@ -54,11 +55,33 @@ def _plain(doc: str) -> str:
     return escape(doc.replace("``", ""))
 
 
+def _or_auto(annotation: Any) -> type | None:
+    """``X`` for ``X | Literal["auto"]`` (a number or ``auto``), else None."""
+    if typing.get_origin(annotation) is not typing.Union and not isinstance(
+        annotation, types.UnionType
+    ):
+        return None
+    args = typing.get_args(annotation)
+    auto = [
+        a
+        for a in args
+        if typing.get_origin(a) is typing.Literal and typing.get_args(a) == ("auto",)
+    ]
+    rest = [a for a in args if a not in auto]
+    if len(auto) == 1 and len(rest) == 1 and isinstance(rest[0], type):
+        return rest[0]
+    return None
+
+
 def _option(leaf: Leaf, decls: Sequence[str] | None, panel: str) -> inspect.Parameter:
     """The Typer parameter of one field: ``--name VALUE``, ``--flag/--no-flag`` for booleans."""
     base, _ = optional_of(leaf.type)
     metavar = None
-    if typing.get_origin(base) is typing.Literal:
+    number = _or_auto(base)
+    if number is not None:
+        # ``--actors 3`` or ``--actors auto``: the configuration's validation reads the string.
+        metavar, base = f"{number.__name__.upper()}|auto", str
+    elif typing.get_origin(base) is typing.Literal:
         # A plain string for Click: a value outside the choices is then one line from the
         # configuration's own check, like every other bad value, not a usage panel.
         metavar = "|".join(str(choice) for choice in typing.get_args(base))

@@ -16,6 +16,7 @@ from flows.cli.common import NumCpus, app, flow_app, schedule_app
 from flows.cli.jobs import OUTPUT
 from flows.cli.options import config_command
 from pipeline.errors import ConfigError
+from pipeline.plan import AUTO
 from pipeline.segment.config import SegmentConfig
 from pipeline.train.config import TrainConfig
 
@@ -89,7 +90,10 @@ def flow_segment(
 def flow_train_and_segment(
     config: TrainConfig,
     *,
-    actors: Annotated[int, typer.Option(min=1, help="Inference actors.")] = 1,
+    actors: Annotated[
+        str,
+        typer.Option(metavar="INT|auto", help="Inference actors (auto: sized from the cluster)."),
+    ] = AUTO,
     html_report: Annotated[
         Path | None, typer.Option(help="Write the segmentation's HTML report here.")
     ] = None,
@@ -102,7 +106,7 @@ def flow_train_and_segment(
 
     result = train_and_segment_flow(
         config,
-        actors=actors,
+        actors=AUTO if actors == AUTO else _positive("--actors", actors),
         html_report=str(html_report) if html_report else None,
         ray_address=ray_address,
         num_cpus=num_cpus,
@@ -161,3 +165,14 @@ def demo(
             seed=seed,
         )
     )
+
+
+def _positive(option: str, value: str) -> int:
+    """``value`` as an integer >= 1, or a one-line error naming ``option``."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{option} must be an integer >= 1 or auto, got {value!r}")
+    return number

@@ -7,6 +7,7 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ def bench_segment(
     precision: Precision = "auto",
     backend: Backend = "auto",
     reference: bool = True,
+    photos: int = 12,
+    photo_size: tuple[int, int] = (2000, 3000),
+    photo_model: str = "fcn8s_resnet18",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Segmentation images/s: a bare model loop vs the whole pipeline, plus memory at scale.
@@ -70,6 +74,11 @@ def bench_segment(
             (:mod:`pipeline.segment.engines`).
         reference: Also run (c), the pipeline as it ran before the precision policy and the
             engines (torch, fp32, NCHW), for the ratio b/c.
+        photos: Images of the multi-megapixel case (d): the bare loop with all the machine's
+            cores next to the pipeline with every option left to its plan
+            (:mod:`pipeline.plan`); 0 skips it.
+        photo_size: Their (height, width).
+        photo_model: The model of (d) (the demo's).
         root: Scratch URI for the data, models and tables (a local directory, or an
             ``s3://`` prefix: the CLI starts a SeaweedFS server on 127.0.0.1 for it).
         echo: Where progress lines go.
@@ -93,7 +102,8 @@ def bench_segment(
         )
         compute = SegmentCompute(precision=precision, backend=backend)
         # In a Ray worker, as the actor: the same process environment (pipeline.cluster).
-        ensure_ray(num_cpus=threads + 1)
+        # The machine's cores: (d)'s pipeline is sized from them, as a user's run is.
+        ensure_ray(num_cpus=max(2, os.cpu_count() or 1))
         bare, stages, plan = ray.get(
             ray.remote(num_cpus=1)(_bare_segment_loop).remote(data, model_uri, threads, compute)
         )
@@ -109,6 +119,8 @@ def bench_segment(
                 output_uri=join(root, "out"),
                 run_id="bench",
                 batch_size=1,
+                actors=1,
+                cpus_per_actor=1.0,
                 threads_per_actor=threads,
                 precision=precision,
                 backend=backend,
@@ -129,6 +141,8 @@ def bench_segment(
                     output_uri=join(root, "out"),
                     run_id="bench-fp32",
                     batch_size=1,
+                    actors=1,
+                    cpus_per_actor=1.0,
                     threads_per_actor=threads,
                     backend="torch",
                     precision="fp32",
@@ -137,6 +151,14 @@ def bench_segment(
                 echo=echo,
             )
             before = old.steady_images_per_s or old.num_images / (time.perf_counter() - began)
+
+        photo = None
+        if photos:
+            photo_uri = _random_model(
+                join(root, "photo-model"), photo_model, onnx=backend != "torch"
+            )
+            photo = _photo_case(root, photo_uri, photos, photo_size, compute, echo=echo)
+            photo["model"] = photo_model
 
         memory = []
         memory_uri = _random_model(
@@ -154,6 +176,8 @@ def bench_segment(
                         model_uri=memory_uri,
                         output_uri=join(root, "out"),
                         run_id=f"mem-{count}",
+                        actors=1,
+                        cpus_per_actor=1.0,
                         threads_per_actor=threads,
                         precision=precision,
                         backend=backend,
@@ -178,6 +202,7 @@ def bench_segment(
         "steady_ratio": steady / bare,
         "reference": before,
         "stages_ms": stages,
+        "photos": photo,
         "memory": memory,
     }
 
@@ -203,12 +228,85 @@ def format_bench_segment(result: dict[str, Any]) -> str:
             f"(c) torch fp32 NCHW pipeline, steady {result['reference']:8.2f} img/s; "
             f"b/c {result['steady'] / result['reference']:.2f}"
         )
+    photo = result.get("photos")
+    if photo:
+        lines += [
+            f"(d) {photo['model']} on {photo['images']} photos of {photo['height']}x"
+            f"{photo['width']} ({photo['megapixels']:.1f} MP); {photo['plan']}",
+            f"(d) bare engine loop, {photo['threads']} threads    {photo['bare']:8.3f} img/s "
+            f"({photo['engine']})",
+            f"(d) pipeline, every option auto       {photo['full']:8.3f} img/s whole run, "
+            f"{photo['steady']:.3f} steady; steady/bare {photo['steady'] / photo['bare']:.2f}, "
+            f"whole/bare {photo['full'] / photo['bare']:.2f}",
+            f"(d) actor peak {photo['actors_mb']:.0f} MB, driver peak {photo['driver_mb']:.0f} MB",
+        ]
     for row in result["memory"]:
         lines.append(
             f"memory, {row['images']:5d} images: driver peak {row['driver_mb']:.0f} MB, "
             f"actor peak {row['actors_mb']:.0f} MB"
         )
     return "\n".join(lines)
+
+
+def _photo_case(
+    root: str,
+    model_uri: str,
+    count: int,
+    size: tuple[int, int],
+    compute: SegmentCompute,
+    *,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """(d): multi-megapixel JPEGs, the bare engine loop on all cores vs the default pipeline."""
+    import ray
+
+    from pipeline.config import make
+    from pipeline.segment.config import SegmentConfig
+    from pipeline.segment.driver import segment
+
+    data = join(root, "photos")
+    write_synthetic(data, num_images=count, size=size, val_fraction=0.0)
+    threads = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    echo(f"(d) bare loop: {count} photos of {size[0]}x{size[1]}, {threads} threads")
+    bare, _, engine = ray.get(
+        ray.remote(num_cpus=threads)(_bare_segment_loop).remote(data, model_uri, threads, compute)
+    )
+    echo("(d) full pipeline, every scaling option auto")
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        echo(line)
+
+    began = time.perf_counter()
+    with _PeakRss("MapWorker") as actors, _PeakRss(None) as driver:
+        result = segment(
+            make(
+                SegmentConfig,
+                input_uri=data,
+                model_uri=model_uri,
+                output_uri=join(root, "out"),
+                run_id="bench-photos",
+                precision=compute.precision,
+                backend=compute.backend,
+            ),
+            echo=log,
+        )
+    full = result.num_images / (time.perf_counter() - began)
+    return {
+        "images": count,
+        "height": size[0],
+        "width": size[1],
+        "megapixels": size[0] * size[1] / 2**20,
+        "threads": threads,
+        "engine": engine,
+        "plan": next((line for line in lines if line.startswith("segment: ")), "?"),
+        "bare": bare,
+        "full": full,
+        "steady": result.steady_images_per_s or full,
+        "actors_mb": actors.peak_mb,
+        "driver_mb": driver.peak_mb,
+    }
 
 
 def _random_model(uri: str, name: str, *, onnx: bool = False) -> str:

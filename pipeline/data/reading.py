@@ -52,6 +52,7 @@ from pipeline.data.layouts import (
     manifest_meta,
 )
 from pipeline.errors import ConfigError
+from pipeline.plan import AUTO, Auto
 
 __all__ = [
     "DECODED_SCHEMA",
@@ -128,8 +129,9 @@ class DatasetConfig:
     """Manifest rows per input block: the unit Ray Data schedules, so the parallelism."""
     read_threads: int = 16
     """Objects fetched concurrently within a decode task (object-store latency)."""
-    decode_cpus: float = 1.0
-    """CPUs Ray reserves per decode task."""
+    decode_cpus: float | Auto = AUTO
+    """CPUs Ray reserves per decode task; auto: 1 for training's reads, a quarter for
+    segmentation's (whose model is the bottleneck: :mod:`pipeline.plan`)."""
     storage: StorageOptions = field(default_factory=StorageOptions)
     """How to reach object storage."""
 
@@ -146,7 +148,7 @@ class DatasetConfig:
         for name in ("max_bytes", "decode_batch_size", "rows_per_block", "read_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.decode_cpus <= 0:
+        if self.decode_cpus != AUTO and self.decode_cpus <= 0:
             raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus}")
 
 
@@ -231,6 +233,7 @@ def read_decoded(
     num_classes: int | None = None,
     require_masks: bool = False,
     rows_per_block: int | None = None,
+    block_bytes: int | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows (:data:`DECODED_SCHEMA`): good rows and error rows.
 
@@ -246,6 +249,9 @@ def read_decoded(
             count, if it names its classes.
         require_masks: An image without a mask is an error row (training).
         rows_per_block: Rows per block (the unit Ray Data schedules); None: the config's.
+        block_bytes: Cut decoded blocks at about this many bytes (Ray Data's
+            ``target_max_block_size`` for this dataset; an image larger is a block of its
+            own); None: Ray Data's default (128 MiB).
     """
     import ray.data
 
@@ -268,15 +274,25 @@ def read_decoded(
     rows = table.select(list(MANIFEST_SCHEMA.names)).replace_schema_metadata(None)
     step = rows_per_block or cfg.rows_per_block
     blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
-    # from_blocks computes block metadata here; from_arrow runs one Ray task per block for it.
-    return ray.data.from_blocks(blocks).map_batches(
+    # The dataset keeps a copy of the context current at its creation: the block size set
+    # here is this dataset's alone.
+    context = ray.data.DataContext.get_current()
+    default_block_bytes = context.target_max_block_size
+    if block_bytes is not None:
+        context.target_max_block_size = block_bytes
+    try:
+        # from_blocks computes block metadata here; from_arrow runs a Ray task per block for it.
+        source = ray.data.from_blocks(blocks)
+    finally:
+        context.target_max_block_size = default_block_bytes
+    return source.map_batches(
         functools.partial(
             load_batch, config=cfg, num_classes=num_classes, require_masks=require_masks
         ),
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
         udf_modifying_row_count=False,
-        num_cpus=cfg.decode_cpus,
+        num_cpus=1.0 if cfg.decode_cpus == AUTO else cfg.decode_cpus,
     )
 
 

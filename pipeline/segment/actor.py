@@ -58,6 +58,7 @@ class ActorPlan:
     model_uri: str
     num_classes: int
     threads: int
+    batch_pixels: int
     use_gpu: bool
     resize: int | None
     palette: bool
@@ -67,23 +68,24 @@ class ActorPlan:
     faults: Faults | None = None
 
 
-def group_by_size(samples: Iterable[Sample], *, max_batch: int) -> list[list[Sample]]:
-    """Group samples of equal (H, W), in first-seen order, into batches of at most max_batch.
+def group_by_size(samples: Iterable[Sample], *, max_pixels: int) -> list[list[Sample]]:
+    """Group samples of equal (H, W), in first-seen order, into batches of at most
+    ``max_pixels`` pixels in all (an image over the budget is a batch of its own).
 
     The model runs one batch per group: images keep their own size, so only equal sizes
-    stack.
+    stack, and the budget bounds the activations a call holds, whatever the image count.
 
     Args:
         samples: Samples of any sizes.
-        max_batch: Largest group.
+        max_pixels: The pixel budget of one group.
     """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     groups: dict[tuple[int, int], list[list[Sample]]] = {}
     for sample in samples:
         key = (sample.image.shape[0], sample.image.shape[1])
         runs = groups.setdefault(key, [[]])
-        if len(runs[-1]) == max_batch:
+        if runs[-1] and (len(runs[-1]) + 1) * key[0] * key[1] > max_pixels:
             runs.append([])
         runs[-1].append(sample)
     return [run for runs in groups.values() for run in runs]
@@ -139,7 +141,7 @@ class Segmenter:
             out["error_type"][i] = row["error_type"]
             out["message"][i] = row["error_message"]
         samples = samples_from_batch(batch)
-        for group in group_by_size(samples, max_batch=max(1, len(samples))):
+        for group in group_by_size(samples, max_pixels=self.plan.batch_pixels):
             began = time.perf_counter()
             try:
                 images = np.stack([s.image for s in group]).transpose(0, 3, 1, 2)

@@ -16,6 +16,7 @@ from pipeline.compute import ComputeConfig
 from pipeline.config import FORBID, check_choice
 from pipeline.data.reading import DatasetConfig
 from pipeline.errors import ConfigError
+from pipeline.plan import AUTO, Auto
 from pipeline.segment.engines import BACKENDS, Backend
 from pipeline.tables import validate_run_id
 
@@ -43,36 +44,41 @@ class SegmentData:
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentScaling:
-    """How many inference actors, on what, with how many images per call."""
+    """How many inference actors, on what, with how many pixels per model call.
+
+    ``auto`` fields are sized from the cluster by :func:`pipeline.plan.plan_segment`; a value
+    given wins.
+    """
 
     __pydantic_config__: ClassVar[dict[str, str]] = FORBID
 
-    actors: int = 1
-    """Inference actors in the pool."""
-    batch_size: int = 8
-    """Images per actor call (images of equal size run as one batch)."""
-    use_gpu: bool = False
-    """Give each actor a GPU (``gpus_per_actor``)."""
+    actors: int | Auto = AUTO
+    """Inference actors; auto: as many as the cluster's nodes hold (the pool grows with an
+    autoscaling cluster, and shrinks to one if nodes are lost)."""
+    batch_size: int = 16
+    """Most images per actor call."""
+    batch_pixels: int | Auto = AUTO
+    """Most pixels one model call stacks: images of equal size batch up to it, an image over
+    it runs alone; auto: 4 MP (4194304), less where an actor's memory is short."""
+    use_gpu: bool | None = None
+    """Run the actors on GPUs (``gpus_per_actor`` each); unset: when the cluster has GPUs."""
     gpus_per_actor: float = 1.0
-    """GPUs per actor with ``use_gpu`` (fractions share a GPU)."""
-    cpus_per_actor: float = 1.0
-    """CPUs Ray reserves per actor."""
-    threads_per_actor: int | None = None
-    """torch threads per actor; None: its CPUs (at least 1)."""
+    """GPUs per actor on GPUs (fractions share a GPU)."""
+    cpus_per_actor: float | Auto = AUTO
+    """CPUs Ray reserves per actor; auto: each node's CPUs but a read share, in actors of at
+    most 8 (1 with a GPU)."""
+    threads_per_actor: int | Auto = AUTO
+    """torch (or engine) threads per actor; auto: its CPUs, rounded up."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "actors"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_actor <= 0 or (self.use_gpu and self.gpus_per_actor <= 0):
-            raise ConfigError("cpus_per_actor (and gpus_per_actor with use_gpu) must be > 0")
-        if self.threads_per_actor is not None and self.threads_per_actor < 1:
-            raise ConfigError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
-
-    @property
-    def threads(self) -> int:
-        """torch threads per actor."""
-        return self.threads_per_actor or max(1, int(self.cpus_per_actor))
+        for name in ("batch_size", "actors", "batch_pixels", "threads_per_actor"):
+            value = getattr(self, name)
+            if value != AUTO and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.cpus_per_actor != AUTO and self.cpus_per_actor <= 0:
+            raise ConfigError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor <= 0:
+            raise ConfigError(f"gpus_per_actor must be > 0, got {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True, kw_only=True)

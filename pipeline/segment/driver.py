@@ -38,8 +38,8 @@ from fcn.metrics import nan_to_none, scores_from_counts
 from pipeline import storage
 from pipeline.artifacts import ModelCard, load_card
 from pipeline.data.layouts import DatasetError, load_manifest, manifest_meta
-from pipeline.errors import ConfigError
 from pipeline.faults import Faults
+from pipeline.plan import SegmentPlan, detect_resources, model_footprint, plan_segment
 from pipeline.segment.actor import COUNTS, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.engines import Backend
@@ -114,13 +114,14 @@ def segment(
         f"run {job.run_id}: {todo.num_rows} image(s) to segment"
         + (f", {skipped} already written by an earlier attempt" if done else "")
     )
-    stream = _Stream()
+    stream, plan = _Stream(), None
     if todo.num_rows:
         from pipeline.cluster import ensure_ray
 
         ensure_ray(num_cpus=num_cpus)
-        _check_fits(config)
-        stream = _stream(config, job, todo, faults)
+        plan = _plan(config, job, todo.num_rows)
+        echo(plan.describe())
+        stream = _stream(config, job, todo, plan, faults)
     processed = stream.processed
     seconds = time.perf_counter() - clock
     totals, num_images, num_errors = _run_totals(job.writer, job.card.num_classes)
@@ -147,6 +148,7 @@ def segment(
                 precision=stream.precision,
                 channels_last=stream.channels_last,
                 engine=stream.engine,
+                plan=None if plan is None else plan.describe(),
             )
         ],
     )
@@ -239,7 +241,7 @@ def _onnx_ready(
     from pipeline.export import ensure_onnx
 
     backend = config.compute.backend
-    if backend == "torch" or (backend == "auto" and config.scaling.use_gpu):
+    if backend == "torch" or (backend == "auto" and config.scaling.use_gpu is True):
         return backend
     try:
         ensure_onnx(config.model_uri, card, options)
@@ -267,46 +269,74 @@ class _Stream:
     """Whether it ran channels_last (None for the ONNX engines)."""
 
 
-def _stream(config: SegmentConfig, job: _Job, todo: pa.Table, faults: Faults | None) -> _Stream:
+def _plan(config: SegmentConfig, job: _Job, num_images: int) -> SegmentPlan:
+    """The actor pool, reads and batches for this cluster (:mod:`pipeline.plan`)."""
+    card = job.card
+    footprint = model_footprint(
+        card.architecture, card.backbone, card.num_classes, **card.model_options
+    )
+    return plan_segment(
+        detect_resources(),
+        config.scaling,
+        footprint=footprint,
+        decode_cpus=config.data.read.decode_cpus,
+        num_images=num_images,
+    )
+
+
+def _stream(
+    config: SegmentConfig, job: _Job, todo: pa.Table, sizing: SegmentPlan, faults: Faults | None
+) -> _Stream:
     """Read, decode and segment ``todo`` on Ray Data, writing rows as they arrive."""
     import ray.data
 
     from pipeline.data.reading import read_decoded
 
+    backend = "torch" if sizing.use_gpu and job.backend == "auto" else job.backend
     plan = ActorPlan(
         model_uri=config.model_uri,
         num_classes=job.card.num_classes,
-        threads=config.scaling.threads,
-        use_gpu=config.scaling.use_gpu,
+        threads=sizing.threads,
+        batch_pixels=sizing.batch_pixels,
+        use_gpu=sizing.use_gpu,
         resize=config.data.resize,
         palette=config.output.palette,
         write_png=config.output.write_png,
         storage=job.options,
-        compute=replace(config.compute, backend=job.backend),
+        compute=replace(config.compute, backend=backend),
         faults=faults,
     )
     # Blocks of about one actor batch: results stream back (and into files) steadily.
-    rows_per_block = min(config.data.read.rows_per_block, config.scaling.batch_size)
+    rows_per_block = min(config.data.read.rows_per_block, sizing.batch_size)
     decoded = read_decoded(
         todo,
-        config=replace(config.data.read, decode_batch_size=rows_per_block),
+        config=replace(
+            config.data.read, decode_batch_size=rows_per_block, decode_cpus=sizing.read_cpus
+        ),
         num_classes=job.card.num_classes,
         rows_per_block=rows_per_block,
+        # Decoded blocks of about the pixel budget, each one actor call: the calls (and the
+        # actors' inputs) follow the images' size, and results stream back steadily.
+        block_bytes=sizing.batch_pixels * 3,
     )
     results = decoded.map_batches(
         Segmenter,
         fn_constructor_kwargs={"plan": plan},
         batch_format="pyarrow",
-        batch_size=config.scaling.batch_size,
-        # Up to `actors`, started at once; down to one if the cluster loses nodes (a fixed
-        # size would wait for the lost capacity, holding the CPUs the reads need).
+        batch_size=None,  # a decoded block: at most batch_size images, about batch_pixels
+        # `actors` started at once, growing to `max_actors` where the cluster can (Ray Data's
+        # autoscaler asks the cluster's for their bundles), down to one if the cluster loses
+        # nodes (a fixed size would wait for the lost capacity, holding the reads' CPUs).
         compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=config.scaling.actors, initial_size=config.scaling.actors
+            min_size=1, max_size=sizing.max_actors, initial_size=sizing.actors
         ),
-        num_cpus=config.scaling.cpus_per_actor,
-        num_gpus=config.scaling.gpus_per_actor if config.scaling.use_gpu else None,
-        # One actor per node where possible: a lost node then costs one actor, not all.
-        scheduling_strategy="SPREAD",
+        num_cpus=sizing.cpus_per_actor,
+        num_gpus=sizing.gpus_per_actor if sizing.use_gpu else None,
+        # What the model needs at the pixel budget: Ray packs no more actors on a node than
+        # its memory holds.
+        memory=sizing.memory_per_actor,
+        # Ray Data spreads the actors over the nodes (its default scheduling strategy): a lost
+        # node then costs its actors, not all.
     )
     exit_after = None if faults is None else faults.driver_exit_after
     tables = _Tables(job.writer, config.output.rows_per_file, fail_after=exit_after)
@@ -378,25 +408,6 @@ class _Tables:
         """Write what is buffered, in the safe order."""
         for w in self.order:
             w.close()
-
-
-def _check_fits(config: SegmentConfig) -> None:
-    """Refuse a pool that cannot start on this cluster (Ray Data would wait for it forever)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus = float(resources.get("CPU", 0.0))
-    if config.scaling.cpus_per_actor + config.data.read.decode_cpus > cpus:
-        raise ConfigError(
-            f"an actor ({config.scaling.cpus_per_actor:g} CPU) and a read task "
-            f"({config.data.read.decode_cpus:g} CPU) do not fit this Ray cluster's {cpus:g} CPUs: "
-            "lower --cpus-per-actor"
-        )
-    if config.scaling.use_gpu and float(resources.get("GPU", 0.0)) < config.scaling.gpus_per_actor:
-        raise ConfigError(
-            f"--use-gpu: this Ray cluster has {resources.get('GPU', 0):g} GPU(s), an actor "
-            f"needs {config.scaling.gpus_per_actor:g}"
-        )
 
 
 def _split_rows(tables: _Tables, batch: pa.Table, class_names: list[str], model: str) -> None:

@@ -30,6 +30,7 @@ from pipeline.compute import ComputeConfig
 from pipeline.config import FORBID, check_choice
 from pipeline.data.reading import SHUFFLE_MODES, DatasetConfig, ShuffleMode
 from pipeline.errors import ConfigError
+from pipeline.plan import AUTO, Auto
 from pipeline.tables import validate_run_id
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 ClassWeighting = Literal["none", "median_frequency"]
-PlacementStrategy = Literal["PACK", "SPREAD"]
+PlacementStrategy = Literal["auto", "PACK", "SPREAD"]
 
 
 class TrainConfigError(ConfigError):
@@ -184,38 +185,35 @@ class TrainScaling:
 
     __pydantic_config__: ClassVar[dict[str, str]] = FORBID
 
-    num_workers: int = 2
-    """Ray Train workers (DDP ranks)."""
-    use_gpu: bool = False
-    """One GPU per worker (nccl); else CPU (gloo)."""
-    cpus_per_worker: float | None = None
-    """CPUs Ray reserves per worker; None: 1, or less on a small cluster, so that one CPU
-    stays free for Ray Data (which feeds the workers: with none free, training waits)."""
-    threads_per_worker: int | None = None
-    """torch threads per worker; None: its CPUs (at least 1)."""
-    placement_strategy: PlacementStrategy = "PACK"
+    num_workers: int | Auto = AUTO
+    """Ray Train workers (DDP ranks); auto: one per GPU on GPUs, else one per node (each with
+    all of its node's CPUs as threads: faster than several ranks of fewer threads)."""
+    use_gpu: bool | None = None
+    """One GPU per worker (nccl); else CPU (gloo); unset: GPUs when the cluster has them."""
+    cpus_per_worker: float | Auto = AUTO
+    """CPUs Ray reserves per worker; auto: one per node its node's CPUs but one, else 1, or
+    less on a small cluster, so that one CPU stays free for Ray Data (which feeds the
+    workers: with none free, training waits)."""
+    threads_per_worker: int | Auto = AUTO
+    """torch threads per worker; auto: one per node its node's CPUs, else its CPUs rounded up."""
+    placement_strategy: PlacementStrategy = "auto"
     """Where Ray places the workers: ``PACK`` fills nodes one after another (DDP traffic
     stays inside a node), ``SPREAD`` puts them on as many nodes as it can (each node's
-    memory, disk and network serve fewer workers). Either way a lost worker restarts the
-    whole group from the latest checkpoint."""
+    memory, disk and network serve fewer workers); auto: SPREAD for one rank per node, else
+    PACK. Either way a lost worker restarts the whole group from the latest checkpoint."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
 
     def __post_init__(self) -> None:
         check_choice("placement_strategy", self.placement_strategy, get_args(PlacementStrategy))
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        for name in ("num_workers", "threads_per_worker"):
+            value = getattr(self, name)
+            if value != AUTO and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+        if self.cpus_per_worker != AUTO and self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-
-    @property
-    def threads(self) -> int:
-        """torch threads per worker."""
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker or 1))
 
 
 @dataclass(frozen=True, kw_only=True)

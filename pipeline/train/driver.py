@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +44,7 @@ from pipeline import storage
 from pipeline.artifacts import ModelCard, load_card, model_uri, save_model
 from pipeline.data.layouts import load_manifest, manifest_hash, manifest_meta
 from pipeline.faults import Faults
+from pipeline.plan import TrainPlan
 from pipeline.storage import StorageOptions
 from pipeline.tables import RunWriter, check_not_committed, new_run_id, runs_row
 from pipeline.train.config import TrainConfig, TrainConfigError
@@ -111,9 +112,9 @@ def train(
     clock = time.perf_counter()
     job = _preflight(config, config.run_id or new_run_id("train"))
     ensure_ray(num_cpus=num_cpus)
-    config = _fit_to_cluster(config, echo)
-    data = _decode(config, job, echo)
-    plan = _plan(config, job, data, faults)
+    sizing = _fit_to_cluster(config, echo)
+    data = _decode(config, job, sizing, echo)
+    plan = _plan(config, job, data, sizing, faults)
     # Every check has passed: only now may --overwrite delete the committed run.
     if config.overwrite:
         storage.delete(plan.checkpoint_root, job.options)
@@ -142,6 +143,7 @@ def train(
                 precision=exported.compute.get("precision"),
                 channels_last=exported.compute.get("channels_last"),
                 engine=f"torch {torch.__version__.split('+')[0]}",
+                plan=sizing.describe(),
             )
         ],
     )
@@ -216,7 +218,9 @@ def _preflight(config: TrainConfig, run_id: str) -> _Job:
     )
 
 
-def _decode(config: TrainConfig, job: _Job, echo: Callable[[str], None]) -> _Decoded:
+def _decode(
+    config: TrainConfig, job: _Job, sizing: TrainPlan, echo: Callable[[str], None]
+) -> _Decoded:
     """Decode the train and val splits once into Ray's object store (bad objects apart)."""
     from pipeline.data.reading import read_dataset
 
@@ -241,7 +245,7 @@ def _decode(config: TrainConfig, job: _Job, echo: Callable[[str], None]) -> _Dec
         f"run {job.run_id}: {num_train} train and {num_val} val images decoded, "
         f"{len(error_rows)} unreadable (see the errors table)"
     )
-    workers = config.scaling.num_workers
+    workers = sizing.num_workers
     if num_train < workers:
         raise TrainConfigError(
             f"{num_train} readable train image(s) for {workers} workers: every worker needs "
@@ -258,9 +262,11 @@ def _decode(config: TrainConfig, job: _Job, echo: Callable[[str], None]) -> _Dec
     )
 
 
-def _plan(config: TrainConfig, job: _Job, data: _Decoded, faults: Faults | None) -> Plan:
+def _plan(
+    config: TrainConfig, job: _Job, data: _Decoded, sizing: TrainPlan, faults: Faults | None
+) -> Plan:
     """What every rank needs: class count and weights, steps, where checkpoints go."""
-    batches = math.ceil(data.num_train // config.scaling.num_workers / config.optim.batch_size)
+    batches = math.ceil(data.num_train // sizing.num_workers / config.optim.batch_size)
     steps_per_epoch = math.ceil(batches / config.optim.grad_accum)
     class_weight = None
     if config.optim.class_weighting != "none":
@@ -276,6 +282,7 @@ def _plan(config: TrainConfig, job: _Job, data: _Decoded, faults: Faults | None)
         checkpoint_root=job.out.join(CHECKPOINT_DIR, job.run_id).uri,
         class_weight=class_weight,
         storage=job.options,
+        sizing=sizing,
         faults=faults,
     )
 
@@ -299,10 +306,10 @@ def _fit(plan: Plan, data: _Decoded, job: _Job) -> Any:
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker or 1.0},
-            placement_strategy=config.scaling.placement_strategy,
+            num_workers=plan.sizing.num_workers,
+            use_gpu=plan.sizing.use_gpu,
+            resources_per_worker={"CPU": plan.sizing.cpus_per_worker},
+            placement_strategy=plan.sizing.placement_strategy,
         ),
         run_config=RunConfig(
             name=plan.run_id,
@@ -365,34 +372,23 @@ def _export(config: TrainConfig, plan: Plan, job: _Job, result: Any) -> _Exporte
     )
 
 
-def _fit_to_cluster(config: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
-    """Choose CPUs per worker, leaving one CPU of the cluster to Ray Data.
+def _fit_to_cluster(config: TrainConfig, echo: Callable[[str], None]) -> TrainPlan:
+    """The ranks on this cluster (:func:`pipeline.plan.plan_train`), printed once.
 
-    Ray Data's tasks (the per-epoch shuffle and split) need a CPU while the workers hold
-    theirs; with none free, the workers wait for their first batch until one frees up.
+    One CPU of the cluster stays with Ray Data: its tasks (the per-epoch shuffle and split)
+    need a CPU while the workers hold theirs; with none free, the workers wait for their
+    first batch until one frees up.
     """
-    import ray
+    from pipeline.plan import PlanError, detect_resources, plan_train
 
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    spare = total - 1.0
-    workers, per_worker = config.scaling.num_workers, config.scaling.cpus_per_worker
-    if per_worker is None:
-        per_worker = 1.0 if spare >= workers else math.floor(spare / workers * 100) / 100
-        if per_worker < 0.05:
-            raise TrainConfigError(
-                f"{workers} worker(s) do not fit a Ray cluster of {total:g} CPUs with one CPU "
-                "left for Ray Data: use fewer workers or a bigger cluster"
-            )
-        return replace(config, scaling=replace(config.scaling, cpus_per_worker=per_worker))
-    if workers * per_worker > spare:
-        # A warning, not an error: an autoscaling cluster grows when the workers ask.
-        echo(
-            f"warning: {workers} workers x {per_worker:g} CPUs leave no CPU of the cluster's "
-            f"{total:g} now to Ray Data, which feeds the workers; unless the cluster scales up, "
-            "training waits. Lower --cpus-per-worker (torch threads are set apart, with "
-            "--threads-per-worker)."
-        )
-    return config
+    try:
+        sizing = plan_train(detect_resources(), config.scaling)
+    except PlanError as exc:
+        raise TrainConfigError(str(exc)) from None
+    echo(sizing.describe())
+    for warning in sizing.warnings:
+        echo(f"warning: {warning}")
+    return sizing
 
 
 def _check_dataset(

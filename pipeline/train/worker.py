@@ -32,6 +32,7 @@ from pipeline.artifacts import load_artifact
 from pipeline.compute import ComputePlan, resolve, training_probe
 from pipeline.data.batches import iter_samples, iter_train_batches
 from pipeline.faults import Faults
+from pipeline.plan import TrainPlan
 from pipeline.storage import StorageOptions
 from pipeline.train.config import TrainConfig
 
@@ -78,6 +79,8 @@ class Plan:
     checkpoint_root: str
     class_weight: tuple[float, ...] | None
     storage: StorageOptions
+    sizing: TrainPlan
+    """Ranks, threads, placement (``pipeline.plan``)."""
     faults: Faults | None = None
 
 
@@ -154,7 +157,7 @@ class _Rank:
         import ray.train.torch
 
         config = plan.config
-        torch.set_num_threads(config.scaling.threads)
+        torch.set_num_threads(plan.sizing.threads)
         device = ray.train.torch.get_device()
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.optim.seed)

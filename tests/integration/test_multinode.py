@@ -272,8 +272,8 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
         coarse,
     )
 
-    # Segmentation with two actors on the two nodes left; once an actor has segmented two
-    # images, its node dies.
+    # Segmentation sized by fcnpipe (pipeline.plan): an actor on each of the two nodes left;
+    # once an actor has segmented two images, its node dies.
     partition = join(out, "predictions/run_id=inbox")
 
     def written() -> int:
@@ -282,7 +282,6 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     segment_faults = Faults(root=join(out, "_faults", "inbox"))
     thread, outcome, lines = _submit(cluster, monkeypatch, "fcnpipe-segment-multinode", [
         "segment", inbox, "--model", model_uri, "--output", out, "--run-id", "inbox",
-        "--actors", "2", "--cpus-per-actor", "1", "--threads-per-actor", "1",
         "--batch-size", "1", "--rows-per-file", "1", "--stall-actors-after", "2",
         "--backend", "onnxruntime",  # the artifact's ONNX export, made by the driver first
     ])  # fmt: skip
@@ -296,7 +295,8 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
 
     _wait_for("a stalled inference actor", an_actor_stalled, thread, lines, 240)
     actors = cluster.placement(INFER_ACTOR)
-    assert len(set(actors)) == len(actors), f"the pool spreads over the nodes: {actors}"
+    alive = sorted(n for n in cluster.node_names().values() if n != "head")
+    assert actors == alive, f"the default pool puts an actor on every worker node: {actors}"
     victim = cluster.node_names()[str(next(iter(stalled.values()))["node_id"])]
     cluster.kill(victim)
     segment_faults.release()
@@ -305,6 +305,7 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     assert done < GOOD_IMAGES, "the node died mid-run"
     job = _finished(cluster, thread, outcome, lines)
     print(f"segmentation job {job.submission_id} succeeded in {job.seconds:.0f} s")
+    assert "segment: 2 actor(s) x 1.75 CPUs x 2 threads" in "\n".join(lines), lines[-40:]
     assert read_table(out, "runs", run_ids=["inbox"])["engine"][0].as_py().startswith("onnxruntime")
 
     ids = read_table(out, "predictions", run_ids=["inbox"])["image_id"].to_pylist()

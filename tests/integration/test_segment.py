@@ -174,7 +174,6 @@ def test_images_only_prefix_and_overwrite(tmp_path: Path, ray_local: None) -> No
         model_uri=model_uri,
         output_uri=out,
         run_id="flat",
-        cpus_per_actor=0.5,
         backend="torch",  # engines: tests/unit/test_compute.py
     )
     first = segment(config)
@@ -201,7 +200,7 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
     args = [
         FCNPIPE, "segment", data, "--model", model_uri, "--output", out, "--batch-size", "2",
-        "--rows-per-file", "2", "--cpus-per-actor", "0.5", "--num-cpus", "2", "--backend", "torch",
+        "--rows-per-file", "2", "--num-cpus", "2", "--backend", "torch",
     ]  # fmt: skip
     # The driver dies abruptly (os._exit, as a kill would) once 6 predictions are in files.
     first = subprocess.run(
@@ -220,7 +219,7 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     segment(
         make(SegmentConfig,
             input_uri=data, model_uri=model_uri, output_uri=out, run_id="whole", batch_size=2,
-            rows_per_file=2, cpus_per_actor=0.5, backend="torch",
+            rows_per_file=2, backend="torch",
         )
     )  # fmt: skip
 
@@ -279,7 +278,6 @@ def test_s3_restart_mid_run_is_retried(
                     run_id="hiccup",
                     batch_size=2,
                     rows_per_file=2,
-                    cpus_per_actor=0.5,
                     backend="torch",  # engines: tests/unit/test_compute.py
                 ),
                 faults=faults,
@@ -328,7 +326,6 @@ def test_the_readme_onnx_client_gets_the_label_maps_of_segment(
             model_uri=model_uri,
             output_uri=out,
             run_id="served",
-            cpus_per_actor=0.5,
             backend="torch",
             precision="fp32",
             memory_format="contiguous",

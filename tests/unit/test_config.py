@@ -132,7 +132,8 @@ def test_segment_options(monkeypatch: pytest.MonkeyPatch) -> None:
         True,
         10,
     )
-    assert config.scaling.threads_per_actor is None  # not given: the dataclass's default
+    assert config.scaling.threads_per_actor == "auto"  # not given: the dataclass's default
+    assert config.scaling.use_gpu is None
 
 
 def test_assignments_by_path_or_unique_name() -> None:

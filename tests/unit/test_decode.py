@@ -275,8 +275,13 @@ def test_group_by_size_keeps_sizes_apart() -> None:
             for k in row(0, 1, 1)
         }
     )
-    groups = group_by_size(samples, max_batch=2)
+    # A budget of two 2x3 images; the 4x4 one is over it and runs alone.
+    groups = group_by_size(samples, max_pixels=12)
     assert [[s.image_id for s in g] for g in groups] == [["i0", "i2"], ["i3"], ["i1"]]
+    alone = group_by_size(samples, max_pixels=1)
+    assert [[s.image_id for s in g] for g in alone] == [["i0"], ["i2"], ["i3"], ["i1"]]
+    together = group_by_size(samples, max_pixels=10**6)
+    assert [[s.image_id for s in g] for g in together] == [["i0", "i2", "i3"], ["i1"]]
 
 
 def test_dataset_config_is_validated() -> None:

@@ -18,11 +18,16 @@ from fcn.models import build_model
 from fcn.optim import build_optimizer, build_scheduler
 from pipeline.config import make
 from pipeline.faults import Faults, registered_epoch, wait_registered
+from pipeline.plan import TrainPlan
 from pipeline.storage import StorageOptions
 from pipeline.train.config import TrainConfig
 from pipeline.train.worker import Plan, restore, was_resumed
 
 pytestmark = pytest.mark.unit
+
+SIZING = TrainPlan(
+    num_workers=1, use_gpu=False, cpus_per_worker=1, threads=1, placement_strategy="PACK", nodes=1
+)
 
 
 def _plan(root: Path, epochs: int) -> Plan:
@@ -40,6 +45,7 @@ def _plan(root: Path, epochs: int) -> Plan:
         checkpoint_root=str(root / "out" / "checkpoints" / "r"),
         class_weight=None,
         storage=StorageOptions(),
+        sizing=SIZING,
     )
 
 

@@ -470,32 +470,47 @@ def test_segment_job_uses_the_model_the_train_job_writes() -> None:
     assert segment.output_uri == train.output_uri
 
 
-def _gpu_pod() -> tuple[int, int, float, int]:
-    """The GPU group's (minReplicas, maxReplicas, CPUs per pod, GPUs per pod)."""
-    group = _groups(_raycluster()["spec"])["gpu"]
+def _group_node(name: str) -> tuple[int, int, Any]:
+    """A worker group's (minReplicas, maxReplicas, the pod as a ``pipeline.plan.Node``: its
+    CPUs and GPUs, and its memory less the object store, as Ray counts it)."""
+    from pipeline.plan import Node
+
+    group = _groups(_raycluster()["spec"])[name]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    return (
-        group["minReplicas"],
-        group["maxReplicas"],
-        _quantity(limits["cpu"]),
-        int(limits[GPU]),
+    store = float(group["rayStartParams"].get("object-store-memory", 0))
+    node = Node(
+        cpus=_quantity(limits["cpu"]),
+        gpus=float(limits.get(GPU, 0)),
+        memory=_quantity(limits["memory"]) - store,
     )
+    return group["minReplicas"], group["maxReplicas"], node
 
 
 def _check_fits_the_cluster(where: str, kind: str, config: Any) -> None:
-    scaling = config.scaling
-    if not scaling.use_gpu:
-        return
-    min_pods, max_pods, cpus, gpus = _gpu_pod()
-    if kind == "train":  # one GPU per DDP rank, its CPUs on the same pod
-        assert scaling.num_workers <= max_pods * gpus, where
-        assert (scaling.cpus_per_worker or 1.0) <= cpus, where
+    """The job's plan (``pipeline.plan``) on the cluster at its smallest, and growing."""
+    from pipeline.plan import NodeGroup, Resources, model_footprint, plan_segment, plan_train
+
+    shapes = {name: _group_node(name) for name in ("cpu", "gpu")}
+    resources = Resources(
+        nodes=tuple(node for low, _, node in shapes.values() for _ in range(low)),
+        groups=tuple(NodeGroup(node=node, max_count=high) for _, high, node in shapes.values()),
+    )
+    _, max_gpu_pods, gpu_pod = shapes["gpu"]
+    if kind == "train":
+        plan = plan_train(resources, config.scaling)
+        assert plan.use_gpu, where
+        # One GPU per DDP rank, its CPUs on the same pod; Ray Train waits for the autoscaler.
+        assert plan.num_workers <= max_gpu_pods * gpu_pod.gpus, where
+        assert plan.cpus_per_worker <= gpu_pod.cpus, where
     else:
-        assert scaling.actors * scaling.gpus_per_actor <= max_pods * gpus, where
-        assert scaling.cpus_per_actor <= cpus, where
-        # `fcnpipe segment --use-gpu` refuses a cluster without a GPU when it starts
-        # (pipeline.segment.driver._check_fits): one GPU pod must always be up.
-        assert min_pods * gpus >= scaling.gpus_per_actor, where
+        # The model the train job writes (fcn8s_resnet50, 21 VOC classes).
+        plan = plan_segment(
+            resources, config.scaling, footprint=model_footprint("fcn8s", "resnet50", 21)
+        )
+        assert plan.use_gpu and plan.actors >= 1, where  # the minimum cluster runs it
+        assert plan.max_actors is not None and plan.max_actors >= max_gpu_pods, where
+        assert plan.cpus_per_actor <= gpu_pod.cpus, where
+        assert plan.memory_per_actor <= gpu_pod.memory, where
 
 
 @pytest.mark.parametrize("kind", list(RAYJOBS))
