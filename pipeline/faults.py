@@ -54,11 +54,13 @@ class Faults:
     """Each inference actor stalls before its batch number N + 1 (once; until released)."""
     driver_exit_after: int | None = None
     """The segmentation driver exits once this many predictions are in files."""
+    strips_exit_after: int | None = None
+    """The segmentation driver exits once this many strips of tiled images are back."""
 
     def __post_init__(self) -> None:
         if self.train_at is not None and min(self.train_at) < 0:
             raise ConfigError(f"train_at needs rank, epoch and step >= 0: {self.train_at}")
-        for name in ("actor_stall_after", "driver_exit_after"):
+        for name in ("actor_stall_after", "driver_exit_after", "strips_exit_after"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")

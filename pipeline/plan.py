@@ -276,7 +276,10 @@ def plan_segment(
             cpus = float(scaling.cpus_per_actor)
         elif hosts:
             usable = _mode([n.cpus - _read_reserve(n, read) for n in hosts])
-            cpus = math.floor(usable / math.ceil(usable / MAX_ACTOR_CPUS) * 100) / 100
+            share = math.ceil(usable / MAX_ACTOR_CPUS)
+            if scaling.actors != AUTO:  # as many as asked, spread: share each node's CPUs
+                share = max(share, math.ceil(int(scaling.actors) / len(hosts)))
+            cpus = max(READ_CPUS, math.floor(usable / share * 100) / 100)
         else:
             cpus = 1.0
     threads = (

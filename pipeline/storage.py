@@ -41,6 +41,7 @@ import logging
 import os
 import posixpath
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -420,6 +421,40 @@ def read_bytes(
     if len(head) > max_bytes:
         raise ObjectTooLarge(f"{loc.uri}: larger than max_bytes {max_bytes}")
     return head
+
+
+def read_range(target: str | Location, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of an object (one ranged request; fewer at its end).
+
+    Raises:
+        FileNotFoundError: No such object.
+        BucketNotFound, AccessDenied, StorageUnavailable: See the module docstring.
+    """
+    loc = resolve(target)
+    data: bytes = _call("read", loc, lambda: loc.fs.cat_file(loc.path, start=start, end=stop))
+    return data
+
+
+def upload(path: Path, target: str | Location, options: StorageOptions | None = None) -> None:
+    """Copy a local file to ``target`` (streamed: a large file is never all in memory)."""
+    loc = resolve(target, options)
+    if loc.is_local:
+        Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{loc.path}.tmp-{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, loc.path)
+    else:
+        _call("write", loc, lambda: loc.fs.put_file(str(path), loc.path))
+
+
+def size(target: str | Location, options: StorageOptions | None = None) -> int:
+    """An object's size in bytes.
+
+    Raises:
+        FileNotFoundError: No such object.
+    """
+    loc = resolve(target, options)
+    return int(_call("stat", loc, lambda: loc.fs.size(loc.path)))
 
 
 def write_bytes(target: str | Location, data: bytes, options: StorageOptions | None = None) -> None:

@@ -129,6 +129,9 @@ PREDICTIONS = pa.schema(
         _required("class_pixel_counts", pa.list_(pa.int64())),  # one per class
         _required("model_uri", pa.string()),
         pa.field("latency_ms", pa.float64()),
+        # A tiled image's label map too large for the cell: its TIFF object (label_map then
+        # holds a preview, at most 1024 px a side); null when label_map is the whole map.
+        pa.field("label_map_uri", pa.string()),
     ]
 )
 """One row per segmented image."""

@@ -1,4 +1,4 @@
-"""``fcnpipe bench read | train | segment`` and ``fcnpipe experiment skips``.
+"""``fcnpipe bench read | train | segment | tiles`` and ``fcnpipe experiment skips``.
 
 The benchmarks that read from S3 start a SeaweedFS server of their own on 127.0.0.1 (random
 credentials, stopped after) unless given URIs: that development helper lives in
@@ -248,6 +248,51 @@ def bench_segment(
             echo=typer.echo,
         )
     typer.echo(format_bench_segment(result))
+
+
+@bench_app.command("tiles")
+def bench_tiles(
+    scene_sizes: Annotated[
+        str, typer.Option(help="Sides of the square scenes, comma-separated (one run each).")
+    ] = "10000,20000",
+    tile: Annotated[int, typer.Option(min=32, help="Window side (and the small images').")] = 1024,
+    overlap: Annotated[int, typer.Option(min=0, help="Rows/columns windows share.")] = 128,
+    small_images: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images of the small run [default: the first scene's pixels]."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="The model (random weights).")] = "fcn8s_resnet18",
+    actors: Annotated[int, typer.Option(min=1, help="Inference actors of every run.")] = 2,
+    local: Annotated[bool, typer.Option(help="Local files instead of a local S3.")] = False,
+    precision: PrecisionOption = "auto",
+    backend: BackendOption = "auto",
+) -> None:
+    """Tiled segmentation of huge scenes: MP/s next to small images, peak memory per scene
+    size (100 and 400 MP by default: a few minutes on 2 cores)."""
+    from pipeline.bench.tiles import bench_tiles as run_bench
+    from pipeline.bench.tiles import format_bench_tiles
+
+    try:
+        sides = [int(side) for side in scene_sizes.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected sides like 10000,20000, got {scene_sizes!r}") from None
+    with (
+        tempfile.TemporaryDirectory(prefix="fcnpipe-bench-tiles-") as tmp,
+        _scratch_root(Path(tmp), use_s3=not local) as root,
+    ):
+        result = run_bench(
+            root=root,
+            scene_sizes=sides,
+            tile=tile,
+            overlap=overlap,
+            small_images=small_images,
+            model=model,
+            actors=actors,
+            precision=_precision(precision),
+            backend=_backend(backend),
+            echo=typer.echo,
+        )
+    typer.echo(format_bench_tiles(result))
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -28,11 +28,31 @@ def dataset_synth(
     size: Annotated[int, typer.Option(min=16, help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(min=0, help="Dataset seed.")] = 0,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share in val.")] = 0.2,
+    scene_size: Annotated[
+        int | None,
+        typer.Option(
+            min=256,
+            help="Write large scenes instead: NUM_IMAGES tiled TIFFs (and masks) this many "
+            "pixels a side, in the generic layout (to try --tile; 20000 takes about a minute).",
+        ),
+    ] = None,
     s3_endpoint: S3Endpoint = None,
 ) -> None:
     """Write the synthetic shapes dataset in VOC layout (with classes.txt) to any URI."""
-    from pipeline.data.synthetic import write_synthetic
+    from pipeline.data.synthetic import write_scenes, write_synthetic
 
+    if scene_size is not None:
+        info = write_scenes(
+            out_uri,
+            num_scenes=num_images,
+            size=scene_size,
+            seed=seed,
+            options=storage_options(s3_endpoint),
+        )
+        typer.echo(
+            f"wrote {info.num_images} scene(s) of {scene_size}x{scene_size} pixels to {info.uri}"
+        )
+        return
     info = write_synthetic(
         out_uri,
         num_images=num_images,

@@ -32,6 +32,9 @@ FailAt = Annotated[
 FailAfter = Annotated[
     int | None, typer.Option(hidden=True, help="Testing: exit after N predictions.")
 ]
+FailAfterStrips = Annotated[
+    int | None, typer.Option(hidden=True, help="Testing: exit after N strips of tiled images.")
+]
 StallActorsAfter = Annotated[
     int | None, typer.Option(hidden=True, help="Testing: actors stall after N batches.")
 ]
@@ -96,6 +99,7 @@ def segment(
     *,
     num_cpus: NumCpus = None,
     fail_after: FailAfter = None,
+    fail_after_strips: FailAfterStrips = None,
     stall_actors_after: StallActorsAfter = None,
     fault_dir: FaultDir = None,
 ) -> None:
@@ -106,9 +110,13 @@ def segment(
     from pipeline.segment.driver import segment as run_segment
 
     faults = None
-    if fail_after is not None or stall_actors_after is not None:
+    if fail_after is not None or stall_actors_after is not None or fail_after_strips is not None:
         faults = _faults(
-            config, fault_dir, driver_exit_after=fail_after, actor_stall_after=stall_actors_after
+            config,
+            fault_dir,
+            driver_exit_after=fail_after,
+            strips_exit_after=fail_after_strips,
+            actor_stall_after=stall_actors_after,
         )
     # Ray Data's rich progress bars (its tqdm ones need tqdm, which is not installed).
     context = ray.data.DataContext.get_current()

@@ -18,10 +18,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -215,12 +217,31 @@ def _pillow_hard_limit() -> int | None:
     return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
 
 
+_BOMB_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _bomb_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to ``max_pixels`` where that is higher (the
+    large-image limit of tiled runs), for the header check; ours is applied after it."""
+    default = Image.MAX_IMAGE_PIXELS
+    if default is None or max_pixels <= 2 * default:
+        yield
+        return
+    with _BOMB_LOCK:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
+
+
 def _open(data: bytes, stage: Stage, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
     """Open lazily (header only) with only the allowed format plugins."""
     if not data:
         raise DecodeError(stage, "EmptyObject", "the object is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _bomb_limit(max_pixels):
             # Sizes between Pillow's warning and error limits: we decide below, quietly.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=list(formats))

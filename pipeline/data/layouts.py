@@ -4,8 +4,8 @@ Three layouts under a root URI (any URI :mod:`pipeline.storage` resolves):
 
 - ``voc``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNGs whose
   indices are class ids), ``ImageSets/Segmentation/<split>.txt`` (one id per line);
-- ``generic``: ``images/<id>.<ext>`` and ``masks/<id>.png`` matched by path without suffix,
-  optional ``splits/<split>.txt``;
+- ``generic``: ``images/<id>.<ext>`` and ``masks/<id>.png`` (or ``.tif``) matched by path
+  without suffix, optional ``splits/<split>.txt``;
 - ``images``: image files at any depth, no masks (inference); the id is the path relative
   to the root without its suffix (with it, where two files would share an id).
 
@@ -85,6 +85,9 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
     ".webp",
 )
 """File suffixes listed as images (case-insensitive)."""
+
+_MASK_SUFFIXES = (".png", ".tif", ".tiff")
+"""Masks: label PNGs, or label TIFFs (large scenes: read by window when tiled)."""
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -382,7 +385,7 @@ def _paired_rows(
     )
     with ThreadPoolExecutor(_LIST_THREADS) as pool:
         images_f = pool.submit(list_files, root.join(image_dir), IMAGE_SUFFIXES)
-        masks_f = pool.submit(list_files, root.join(mask_dir), (".png",))
+        masks_f = pool.submit(list_files, root.join(mask_dir), _MASK_SUFFIXES)
         splits_f = pool.submit(list_files, root.join(split_dir), (".txt",))
         classes_f = pool.submit(_read_classes, root, layout)
         split_loc = root.join(split_dir)

@@ -119,6 +119,9 @@ class DatasetConfig:
     """Layout of a dataset root; ``"auto"`` detects it. Ignored for a manifest."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest width * height decoded; larger images become error rows."""
+    max_scene_pixels: int = 1_000_000_000
+    """Largest image decoded whole to be cut into tiles (``tile`` set; JPEG, PNG, untiled
+    TIFF: 3 GB of RGB in one read task); tiled TIFFs are read by window instead."""
     max_bytes: int = 256 * 2**20
     """Largest object read (bytes); larger ones become error rows."""
     formats: tuple[str, ...] = field(default=DEFAULT_FORMATS, metadata={"cli": False})
@@ -142,6 +145,8 @@ class DatasetConfig:
             )
         try:
             check_max_pixels(self.max_pixels)
+            if self.max_scene_pixels < 1:
+                raise ValueError(f"max_scene_pixels must be >= 1, got {self.max_scene_pixels}")
             object.__setattr__(self, "formats", check_formats(self.formats))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -253,7 +258,6 @@ def read_decoded(
             ``target_max_block_size`` for this dataset; an image larger is a block of its
             own); None: Ray Data's default (128 MiB).
     """
-    import ray.data
 
     # Pin the endpoint and region the driver sees: on a cluster, workers' environments may
     # differ, and they must read from the store the driver listed (neither is a secret).
@@ -271,20 +275,7 @@ def read_decoded(
     meta = manifest_meta(table)
     if num_classes is None and meta.class_names is not None:
         num_classes = len(meta.class_names)
-    rows = table.select(list(MANIFEST_SCHEMA.names)).replace_schema_metadata(None)
-    step = rows_per_block or cfg.rows_per_block
-    blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
-    # The dataset keeps a copy of the context current at its creation: the block size set
-    # here is this dataset's alone.
-    context = ray.data.DataContext.get_current()
-    default_block_bytes = context.target_max_block_size
-    if block_bytes is not None:
-        context.target_max_block_size = block_bytes
-    try:
-        # from_blocks computes block metadata here; from_arrow runs a Ray task per block for it.
-        source = ray.data.from_blocks(blocks)
-    finally:
-        context.target_max_block_size = default_block_bytes
+    source = manifest_blocks(table, rows_per_block or cfg.rows_per_block, block_bytes)
     return source.map_batches(
         functools.partial(
             load_batch, config=cfg, num_classes=num_classes, require_masks=require_masks
@@ -294,6 +285,35 @@ def read_decoded(
         udf_modifying_row_count=False,
         num_cpus=1.0 if cfg.decode_cpus == AUTO else cfg.decode_cpus,
     )
+
+
+def manifest_blocks(
+    table: pa.Table, rows_per_block: int, block_bytes: int | None = None
+) -> ray.data.Dataset:
+    """A Ray Dataset of manifest rows in blocks of ``rows_per_block``, the input of a decode
+    step (:func:`read_decoded`, or the tiled cut of :mod:`pipeline.segment.tiles`).
+
+    Args:
+        table: Manifest rows.
+        rows_per_block: Rows per block (the unit Ray Data schedules).
+        block_bytes: Cut the blocks of the steps after at about this many bytes (Ray Data's
+            ``target_max_block_size`` for this dataset); None: Ray Data's default.
+    """
+    import ray.data
+
+    rows = table.select(list(MANIFEST_SCHEMA.names)).replace_schema_metadata(None)
+    blocks = [rows.slice(i, rows_per_block) for i in range(0, rows.num_rows, rows_per_block)]
+    # The dataset keeps a copy of the context current at its creation: the block size set
+    # here is this dataset's alone.
+    context = ray.data.DataContext.get_current()
+    default_block_bytes = context.target_max_block_size
+    if block_bytes is not None:
+        context.target_max_block_size = block_bytes
+    try:
+        # from_blocks computes block metadata here; from_arrow runs a Ray task per block for it.
+        return ray.data.from_blocks(blocks)
+    finally:
+        context.target_max_block_size = default_block_bytes
 
 
 def good_rows(decoded: ray.data.Dataset) -> ray.data.Dataset:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
 
 from pipeline.data.layouts import DatasetInfo
@@ -12,10 +14,11 @@ from pipeline.storage import (
     Location,
     StorageOptions,
     resolve,
+    upload,
     write_bytes,
 )
 
-__all__ = ["write_synthetic"]
+__all__ = ["SCENE_BLOCK", "write_scenes", "write_synthetic"]
 
 
 def write_synthetic(
@@ -75,5 +78,91 @@ def write_synthetic(
         num_with_masks=num_images,
         num_missing=0,
         splits=splits,
+        class_names=CLASS_NAMES,
+    )
+
+
+SCENE_BLOCK = 128
+"""Side of the samples a scene is tiled with (the demo's image size: a demo model segments
+scenes as it does its images)."""
+_SCENE_TIFF_TILE = 256
+
+
+def write_scenes(
+    uri: str | Location,
+    *,
+    num_scenes: int,
+    size: int | tuple[int, int],
+    seed: int = 0,
+    options: StorageOptions | None = None,
+) -> DatasetInfo:
+    """Write large synthetic scenes: shapes scattered over a big textured canvas.
+
+    Each scene is a mosaic of :data:`SCENE_BLOCK`-pixel synthetic samples
+    (:func:`fcn.synthetic.make_sample`), written as a tiled (256 x 256), zlib-compressed RGB
+    TIFF ``images/scene_NNN.tif`` with its mask as a tiled single-channel TIFF
+    ``masks/scene_NNN.tif`` (class ids, 255 on the ignore borders), plus ``classes.txt``:
+    the ``generic`` layout. Generated and written tile by tile: memory stays at a few
+    tiles whatever the scene's size (a 20000 x 20000 scene takes about a minute).
+
+    Args:
+        uri: Dataset root.
+        num_scenes: Number of scenes.
+        size: Side, or (height, width), of each scene.
+        seed: Dataset seed.
+        options: Storage options.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import tifffile
+
+    from fcn.synthetic import CLASS_NAMES, make_sample
+
+    height, width = (size, size) if isinstance(size, int) else size
+    root = resolve(uri, options)
+    tile, block = _SCENE_TIFF_TILE, SCENE_BLOCK
+    per_row = -(-width // block)
+    per_tile = tile // block
+
+    def tiles(scene: int, kind: int) -> Iterator[np.ndarray]:
+        for ty in range(0, height, tile):
+            for tx in range(0, width, tile):
+                out = np.zeros((tile, tile, 3) if kind == 0 else (tile, tile), np.uint8)
+                for by in range(per_tile):
+                    for bx in range(per_tile):
+                        row, col = (ty // block) + by, (tx // block) + bx
+                        index = (scene * -(-height // block) + row) * per_row + col
+                        image, mask = make_sample(index, size=block, seed=seed)
+                        out[by * block : (by + 1) * block, bx * block : (bx + 1) * block] = (
+                            image if kind == 0 else mask
+                        )
+                yield out
+
+    with tempfile.TemporaryDirectory(prefix="fcnpipe-scene-") as tmp:
+        for scene in range(num_scenes):
+            name = f"scene_{scene:03d}"
+            for kind, folder in ((0, "images"), (1, "masks")):
+                path = Path(tmp) / f"{name}.tif"
+                tifffile.imwrite(
+                    path,
+                    tiles(scene, kind),
+                    shape=(height, width, 3) if kind == 0 else (height, width),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    compression="zlib",
+                    photometric="rgb" if kind == 0 else "minisblack",
+                    bigtiff=height * width * 3 > 2**31,
+                )
+                upload(path, root.join(folder, f"{name}.tif"))
+                path.unlink()
+    write_bytes(root.join("classes.txt"), "".join(f"{n}\n" for n in CLASS_NAMES).encode())
+    return DatasetInfo(
+        uri=root.uri,
+        layout="generic",
+        num_images=num_scenes,
+        num_with_masks=num_scenes,
+        num_missing=0,
+        splits={},
         class_names=CLASS_NAMES,
     )

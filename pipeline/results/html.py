@@ -19,6 +19,7 @@ from PIL import Image
 
 from fcn.metrics import PAPER_METRICS
 from pipeline.data.decode import DecodeError, decode_image, decode_mask
+from pipeline.data.scenes import probe
 from pipeline.errors import InputError
 from pipeline.results.output import errors_text, format_score
 from pipeline.results.reader import ImageScore, Results, RunSummary
@@ -29,6 +30,9 @@ __all__ = ["DEFAULT_ALPHA", "Panel", "overlay_panel", "panels", "render_html", "
 DEFAULT_ALPHA = 0.6
 """Weight of the class colour in the ground-truth and prediction overlays."""
 
+SHOW_MAX_PIXELS = 1_000_000_000
+"""Largest untiled image (JPEG, PNG) a huge image's overlay decodes whole: segmentation's own
+``max_scene_pixels`` default."""
 _MAX_ERROR_ROWS = 20
 _READ_THREADS = 8
 
@@ -79,7 +83,7 @@ def panels(
     """
     from fcn.palette import decode_label_png, overlay  # imports torch: only here
 
-    found = results.predictions(run_id, image_ids, ["image_uri", "label_map"])
+    found = results.predictions(run_id, image_ids, ["image_uri", "label_map", "label_map_uri"])
     masks = results.mask_uris(results.summary(run_id).input_uri)
     scores = {
         r["image_id"]: r["mean_iou"]
@@ -87,8 +91,10 @@ def panels(
     }
     options = results.options
 
-    def fetch(image_id: str) -> tuple[bytes, bytes | None]:
+    def fetch(image_id: str) -> tuple[bytes | np.ndarray, bytes | np.ndarray | None]:
         mask_uri = masks.get(image_id)
+        if found[image_id]["label_map_uri"] is not None:  # a tiled run's huge image
+            return _sampled(found[image_id], mask_uri, options)
         image = read_bytes(resolve(found[image_id]["image_uri"], options))
         return image, None if mask_uri is None else read_bytes(resolve(mask_uri, options))
 
@@ -97,15 +103,21 @@ def panels(
         fetched = list(pool.map(fetch, image_ids))
     out = []
     for image_id, (image_bytes, mask_bytes) in zip(image_ids, fetched, strict=True):
-        image = _decoded(found[image_id]["image_uri"], image_bytes)
+        if isinstance(image_bytes, np.ndarray):
+            image = image_bytes
+        else:
+            image = _decoded(found[image_id]["image_uri"], image_bytes)
         height, width = image.shape[:2]
         label = _fit(decode_label_png(found[image_id]["label_map"]), height, width)
         parts = [image]
         if mask_bytes is not None:
-            try:
-                mask = decode_mask(mask_bytes, height=height, width=width, num_classes=None)
-            except DecodeError as exc:
-                raise InputError(f"{masks[image_id]}: {exc}") from None
+            if isinstance(mask_bytes, np.ndarray):
+                mask = mask_bytes
+            else:
+                try:
+                    mask = decode_mask(mask_bytes, height=height, width=width, num_classes=None)
+                except DecodeError as exc:
+                    raise InputError(f"{masks[image_id]}: {exc}") from None
             parts.append(overlay(image, mask, alpha))
         parts.append(overlay(image, label, alpha))
         out.append(
@@ -131,6 +143,30 @@ def overlay_panel(
         alpha: Weight of the class colours.
     """
     return panels(results, run_id, [image_id], alpha=alpha)[0]
+
+
+def _sampled(
+    found: dict[str, Any], mask_uri: str | None, options: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A huge image and its mask sampled as its label map's preview is (every ``step``-th
+    row and column): the overlay of a tiled run, never the whole image in memory."""
+    from pipeline.data.scenes import thumbnail
+    from pipeline.segment.tiles import PREVIEW_SIDE
+
+    uri = found["image_uri"]
+    try:
+        info = probe(resolve(uri, options))
+        step = max(1, -(-max(info.height, info.width) // PREVIEW_SIDE))
+        image = thumbnail(resolve(uri, options), step, channels=3, max_pixels=SHOW_MAX_PIXELS)
+        mask = None
+        if mask_uri is not None:
+            where = resolve(mask_uri, options)
+            mask = thumbnail(
+                where, step, channels=1, max_pixels=SHOW_MAX_PIXELS, stage="decode_mask"
+            )
+    except DecodeError as exc:
+        raise InputError(f"{exc}") from None
+    return image, mask
 
 
 def _decoded(uri: str, data: bytes) -> np.ndarray:

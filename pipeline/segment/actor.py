@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data.batches import Sample, samples_from_batch
 from pipeline.faults import Faults
 from pipeline.segment.config import SegmentCompute
 from pipeline.segment.engines import load_engine
-from pipeline.storage import StorageOptions
+from pipeline.segment.tiles import Tiling
+from pipeline.storage import StorageError, StorageOptions
 
 __all__ = ["COUNTS", "SEGMENT_OUTPUT", "ActorPlan", "Segmenter", "group_by_size"]
 
@@ -43,6 +45,12 @@ SEGMENT_OUTPUT = pa.schema(
         pa.field("engine", pa.string()),
         pa.field("precision", pa.string()),
         pa.field("channels_last", pa.bool_()),
+        # A strip of a tiled image (pipeline.segment.tiles): which, of how many (its counts
+        # are the strip's own rows'); the driver assembles the image once all are back.
+        pa.field("strip", pa.int32()),
+        pa.field("strips", pa.int32()),
+        # A label map too large for the cell: the TIFF object (label_map is then a preview).
+        pa.field("label_map_uri", pa.string()),
     ]
 )
 """What a :class:`Segmenter` returns: one row per input row, a prediction or an error."""
@@ -65,6 +73,10 @@ class ActorPlan:
     write_png: str | None
     storage: StorageOptions
     compute: SegmentCompute = field(default_factory=SegmentCompute)
+    tiling: Tiling | None = None
+    """Tile and overlap of a tiled run."""
+    parts_uri: str | None = None
+    """Where a tiled run's strips write their parts (``tiles.label_map_dir(...)/_parts``)."""
     faults: Faults | None = None
 
 
@@ -140,6 +152,11 @@ class Segmenter:
             out["stage"][i] = row["error_stage"]
             out["error_type"][i] = row["error_type"]
             out["message"][i] = row["error_message"]
+        if "strip" in batch.column_names and batch["strip"].null_count < batch.num_rows:
+            strips = pc.is_valid(batch["strip"])
+            for j in np.flatnonzero(strips.to_numpy(zero_copy_only=False)).tolist():
+                self._strip(batch.slice(j, 1), out, j)
+            batch = batch.filter(pc.invert(strips))
         samples = samples_from_batch(batch)
         for group in group_by_size(samples, max_pixels=self.plan.batch_pixels):
             began = time.perf_counter()
@@ -170,3 +187,46 @@ class Segmenter:
                 if self.mirror is not None:
                     storage.write_bytes(self.mirror.join(f"{sample.image_id}.png"), png)
         return pa.table(out, schema=SEGMENT_OUTPUT)
+
+    def _strip(self, row: pa.Table, out: dict[str, list[Any]], i: int) -> None:
+        """Segment one strip of a tiled image into its parts; its counts into row ``i``."""
+        from pipeline.segment.tiles import COUNT_NAMES, segment_strip
+
+        plan = self.plan
+        if plan.tiling is None or plan.parts_uri is None:
+            raise RuntimeError("a strip row in a run without tiles")
+        (r,) = row.to_pylist()
+        out["strip"][i], out["strips"][i] = r["strip"], r["strips"]
+        if r["error_stage"] is not None:
+            return
+        height, width = int(r["height"]), int(r["width"])
+        pixels = np.frombuffer(r["image"], np.uint8).reshape(-1, width, 3)
+        mask = None if r["mask"] is None else np.frombuffer(r["mask"], np.uint8).reshape(-1, width)
+        began = time.perf_counter()
+        try:
+            counts = segment_strip(
+                self.engine.scores,
+                image_id=r["image_id"],
+                pixels=pixels,
+                mask=mask,
+                height=height,
+                width=width,
+                strip=r["strip"],
+                tiling=plan.tiling,
+                num_classes=plan.num_classes,
+                parts=storage.resolve(plan.parts_uri, plan.storage),
+            )
+        except StorageError:
+            raise
+        except Exception as exc:  # e.g. out of memory: this image fails, not the batch
+            out["stage"][i], out["error_type"][i] = "infer", type(exc).__name__
+            out["message"][i] = f"{r['image_uri']}: strip {r['strip']}: inference failed: {exc}"
+            return
+        out["height"][i], out["width"][i] = height, width
+        out["latency_ms"][i] = (time.perf_counter() - began) * 1000
+        for name in COUNT_NAMES:
+            if name in counts:
+                out[name][i] = counts[name].tolist()
+        out["engine"][i] = self.engine.name
+        out["precision"][i] = self.engine.precision
+        out["channels_last"][i] = self.engine.channels_last

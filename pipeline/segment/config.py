@@ -34,12 +34,27 @@ class SegmentData:
     resize: int | None = None
     """Run the model with the longer image side scaled to this, then upsample the scores
     back: label maps are always at the image's own size. None: no resizing."""
+    tile: int | None = None
+    """Cut images larger than this side into overlapping tile x tile windows, blended and
+    stitched (``pipeline.segment.tiles``); the 50 MP ``max_pixels`` limit then gives way to
+    ``max_scene_pixels``. None: every image runs whole."""
+    overlap: int = 128
+    """Pixels neighbouring tiles share (at most tile / 2)."""
     read: DatasetConfig = field(default_factory=DatasetConfig)
     """Reading and decoding options (limits, layout, storage)."""
 
     def __post_init__(self) -> None:
         if self.resize is not None and self.resize < 8:
             raise ConfigError(f"resize must be >= 8 pixels, got {self.resize}")
+        if self.tile is not None:
+            from fcn.tiling import check_tiling
+
+            try:
+                check_tiling(self.tile, self.overlap)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.resize is not None:
+                raise ConfigError("--tile and --resize exclude each other: tiles keep the detail")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,10 +108,15 @@ class SegmentOutput:
     """Also write each label map as ``<write_png>/<image_id>.png``."""
     rows_per_file: int = 2000
     """Rows per Parquet file (also what a crash can cost: unflushed rows are redone)."""
+    inline_max_pixels: int = 16 * 2**20
+    """Largest tiled image whose label map is a PNG in its predictions row (16 MP); a larger
+    one is a tiled TIFF object (``label_map_uri``), with a preview PNG in the row."""
 
     def __post_init__(self) -> None:
         if self.rows_per_file < 1:
             raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.inline_max_pixels < 1:
+            raise ConfigError(f"inline_max_pixels must be >= 1, got {self.inline_max_pixels}")
 
 
 @dataclass(frozen=True, kw_only=True)

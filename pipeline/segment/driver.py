@@ -23,12 +23,13 @@ duplicates a row; ``--overwrite`` replaces a committed run.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -40,9 +41,10 @@ from pipeline.artifacts import ModelCard, load_card
 from pipeline.data.layouts import DatasetError, load_manifest, manifest_meta
 from pipeline.faults import Faults
 from pipeline.plan import SegmentPlan, detect_resources, model_footprint, plan_segment
-from pipeline.segment.actor import COUNTS, ActorPlan, Segmenter
+from pipeline.segment.actor import COUNTS, SEGMENT_OUTPUT, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.engines import Backend
+from pipeline.segment.tiles import Tiling, cut_rows, label_map_dir
 from pipeline.storage import StorageOptions
 from pipeline.tables import RunWriter, check_not_committed, new_run_id, runs_row
 
@@ -290,9 +292,13 @@ def _stream(
     """Read, decode and segment ``todo`` on Ray Data, writing rows as they arrive."""
     import ray.data
 
-    from pipeline.data.reading import read_decoded
+    from pipeline.data.reading import manifest_blocks, read_decoded
 
     backend = "torch" if sizing.use_gpu and job.backend == "auto" else job.backend
+    tiling = None
+    if config.data.tile is not None:
+        tiling = Tiling(tile=config.data.tile, overlap=config.data.overlap)
+    out_dir = label_map_dir(storage.resolve(config.output_uri, job.options), job.run_id)
     plan = ActorPlan(
         model_uri=config.model_uri,
         num_classes=job.card.num_classes,
@@ -304,21 +310,39 @@ def _stream(
         write_png=config.output.write_png,
         storage=job.options,
         compute=replace(config.compute, backend=backend),
+        tiling=tiling,
+        parts_uri=out_dir.join("_parts").uri,
         faults=faults,
     )
     # Blocks of about one actor batch: results stream back (and into files) steadily.
     rows_per_block = min(config.data.read.rows_per_block, sizing.batch_size)
-    decoded = read_decoded(
-        todo,
-        config=replace(
-            config.data.read, decode_batch_size=rows_per_block, decode_cpus=sizing.read_cpus
-        ),
-        num_classes=job.card.num_classes,
-        rows_per_block=rows_per_block,
-        # Decoded blocks of about the pixel budget, each one actor call: the calls (and the
-        # actors' inputs) follow the images' size, and results stream back steadily.
-        block_bytes=sizing.batch_pixels * 3,
+    read_config = replace(
+        config.data.read, decode_batch_size=rows_per_block, decode_cpus=sizing.read_cpus
     )
+    # Decoded blocks of about the pixel budget, each one actor call: the calls (and the
+    # actors' inputs) follow the images' size, and results stream back steadily.
+    block_bytes = sizing.batch_pixels * 3
+    if tiling is None:
+        decoded = read_decoded(
+            todo,
+            config=read_config,
+            num_classes=job.card.num_classes,
+            rows_per_block=rows_per_block,
+            block_bytes=block_bytes,
+        )
+    else:
+        # Large images become one row (and block) per strip: tiles.cut_rows.
+        decoded = manifest_blocks(todo, rows_per_block, block_bytes).map_batches(
+            functools.partial(
+                cut_rows,
+                config=replace(read_config, storage=job.options),
+                tiling=tiling,
+                num_classes=job.card.num_classes,
+            ),
+            batch_format="pyarrow",
+            batch_size=rows_per_block,
+            num_cpus=sizing.read_cpus,
+        )
     results = decoded.map_batches(
         Segmenter,
         fn_constructor_kwargs={"plan": plan},
@@ -340,11 +364,25 @@ def _stream(
     )
     exit_after = None if faults is None else faults.driver_exit_after
     tables = _Tables(job.writer, config.output.rows_per_file, fail_after=exit_after)
+    assembly = None
+    if tiling is not None:
+        assembly = _Assembly(
+            tiling,
+            out_dir,
+            num_classes=job.card.num_classes,
+            palette=config.output.palette,
+            inline_max_pixels=config.output.inline_max_pixels,
+            cpus=sizing.read_cpus,
+            exit_after=None if faults is None else faults.strips_exit_after,
+        )
     out, first_rows = _Stream(), 0
     computes: collections.Counter[tuple[str, str, bool | None]] = collections.Counter()
     first_batch_at = last_batch_at = 0.0
-    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows = pa.table(batch)
+
+    def finished(rows: pa.Table) -> None:
+        nonlocal first_batch_at, first_rows, last_batch_at
+        if not rows.num_rows:
+            return
         tables.write(rows, job.card.class_names, config.model_uri)
         ran = rows.filter(rows["engine"].is_valid()).select(
             ["engine", "precision", "channels_last"]
@@ -354,6 +392,19 @@ def _stream(
             first_batch_at, first_rows = time.perf_counter(), rows.num_rows
         out.processed += rows.num_rows
         last_batch_at = time.perf_counter()
+
+    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = pa.table(batch)
+        if assembly is not None:
+            rows = assembly.take(rows)
+            finished(assembly.done(wait=False))
+        finished(rows)
+    if assembly is not None:
+        finished(assembly.done(wait=True))
+        # Every tiled image is in a row now (or an error): parts left by a crashed attempt
+        # of images that then failed go too.
+        if storage.exists(out_dir.join("_parts")):
+            storage.delete(out_dir.join("_parts"))
     tables.close()
     if last_batch_at > first_batch_at:  # after start-up: actors up, the model loaded
         out.steady = (out.processed - first_rows) / (last_batch_at - first_batch_at)
@@ -370,6 +421,7 @@ _PREDICTION_COLUMNS = [
     "label_map",
     "class_pixel_counts",
     "latency_ms",
+    "label_map_uri",
 ]
 
 
@@ -408,6 +460,134 @@ class _Tables:
         """Write what is buffered, in the safe order."""
         for w in self.order:
             w.close()
+
+
+class _Assembly:
+    """The strips of a tiled run's large images, gathered until each image is whole.
+
+    :meth:`take` keeps the strip rows of a batch (and returns the others); once every
+    strip of an image is back, a Ray task assembles its label map
+    (:func:`pipeline.segment.tiles.assemble`), and :meth:`done` turns the finished ones
+    into one :data:`SEGMENT_OUTPUT` row each: a prediction with the summed counts, or the
+    image's first error. No row exists for an image before its label map does.
+    """
+
+    def __init__(
+        self,
+        tiling: Tiling,
+        out_dir: storage.Location,
+        *,
+        num_classes: int,
+        palette: bool,
+        inline_max_pixels: int,
+        cpus: float,
+        exit_after: int | None,
+    ) -> None:
+        import ray
+
+        from pipeline.segment.tiles import assemble
+
+        self.tiling = tiling
+        self.out_dir = out_dir
+        self.num_classes = num_classes
+        self.palette = palette
+        self.inline_max_pixels = inline_max_pixels
+        self.exit_after = exit_after
+        self.strips_seen = 0
+        self.images: dict[str, dict[str, Any]] = {}
+        self.pending: dict[Any, dict[str, Any]] = {}
+        self.ready: list[dict[str, Any]] = []
+        self.assemble: Any = ray.remote(num_cpus=cpus, max_retries=2)(cast(Any, assemble))
+
+    def take(self, rows: pa.Table) -> pa.Table:
+        """The rows that are not strips; the strips are gathered."""
+        strips = rows["strip"].is_valid()
+        for row in rows.filter(strips).to_pylist():
+            self._strip(row)
+        return rows.filter(pc.invert(strips))
+
+    def _strip(self, row: dict[str, Any]) -> None:
+        image = self.images.setdefault(
+            row["image_id"], {"row": dict(row), "seen": set(), "counts": {}, "latency": 0.0}
+        )
+        image["seen"].add(row["strip"])
+        self.strips_seen += 1
+        if row["stage"] is not None and image["row"]["stage"] is None:
+            image["row"].update(stage=row["stage"], error_type=row["error_type"])
+            image["row"]["message"] = row["message"]
+        for name in ("class_pixel_counts", *COUNTS):
+            if row[name] is not None:
+                total = image["counts"].get(name)
+                value = np.asarray(row[name], np.int64)
+                image["counts"][name] = value if total is None else total + value
+        image["latency"] += row["latency_ms"] or 0.0
+        if self.exit_after is not None and self.strips_seen >= self.exit_after:
+            print(f"fault injection: exiting after {self.strips_seen} strips", flush=True)
+            os._exit(1)
+        if len(image["seen"]) < row["strips"]:
+            return
+        del self.images[row["image_id"]]
+        if image["row"]["stage"] is not None:
+            storage.delete(self.out_dir.join("_parts", row["image_id"]))
+            self.ready.append(image)
+            return
+        future = self.assemble.remote(
+            image_id=row["image_id"],
+            height=row["height"],
+            width=row["width"],
+            tiling=self.tiling,
+            num_classes=self.num_classes,
+            out_dir=self.out_dir,
+            palette=self.palette,
+            inline_max_pixels=self.inline_max_pixels,
+        )
+        self.pending[future] = image
+
+    def done(self, *, wait: bool) -> pa.Table:
+        """Rows of the images assembled (or failed) since the last call; with ``wait``, of
+        every image still out."""
+        import ray
+
+        if self.pending:
+            finished, _ = ray.wait(
+                list(self.pending),
+                num_returns=len(self.pending) if wait else 1,
+                timeout=None if wait else 0,
+            )
+            for future in finished:
+                image = self.pending.pop(future)
+                try:
+                    made = ray.get(future)
+                except Exception as exc:
+                    cause = getattr(exc, "cause", exc)
+                    image["row"].update(stage="assemble", error_type=type(cause).__name__)
+                    image["row"]["message"] = (
+                        f"{image['row']['image_uri']}: assembling the label map failed: {cause}"
+                    )
+                else:
+                    image["made"] = made
+                self.ready.append(image)
+        rows = [self._row(image) for image in self.ready]
+        self.ready = []
+        return pa.Table.from_pylist(rows, schema=SEGMENT_OUTPUT)
+
+    def _row(self, image: dict[str, Any]) -> dict[str, Any]:
+        row = {name: image["row"].get(name) for name in SEGMENT_OUTPUT.names}
+        row["strip"] = row["strips"] = None
+        made = image.get("made")
+        if made is None:  # an error: the image's first
+            for name in ("height", "width", "class_pixel_counts", "latency_ms", *COUNTS):
+                row[name] = None
+            return row
+        counts = dict(image["counts"])
+        for name, value in made["counts"].items():
+            counts[name] = counts[name] + np.asarray(value, np.int64)
+        for name in ("class_pixel_counts", *COUNTS):
+            row[name] = counts[name].tolist() if name in counts else None
+        row["label_map"] = made["label_map"]
+        row["label_map_uri"] = made["label_map_uri"]
+        row["latency_ms"] = image["latency"] + made["seconds"] * 1000
+        return row
 
 
 def _split_rows(tables: _Tables, batch: pa.Table, class_names: list[str], model: str) -> None:

@@ -92,6 +92,11 @@ class Engine(Protocol):
         """(N, H, W) class ids of a uint8 RGB batch (N, 3, H, W) of equal-size images."""
         ...
 
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 class scores (logits) of a uint8 RGB batch, at its size (the
+        tiles of :mod:`pipeline.segment.tiles` blend them)."""
+        ...
+
 
 def _version(backend: str) -> str:
     return importlib.metadata.version(_PACKAGES[backend]).split("+")[0]
@@ -201,6 +206,18 @@ class TorchEngine:
             labels = class_argmax(logits)
         return np.asarray(labels.cpu().numpy())
 
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 logits of a uint8 RGB batch (N, 3, H, W), at its size."""
+        import torch
+
+        from fcn.transforms import normalize
+
+        compute = self.plan.compute
+        batch = torch.from_numpy(images).to(self.device)
+        with torch.inference_mode(), compute.autocast(self.device.type):
+            logits = self.model(compute.inputs(normalize(batch, self.card.normalization_name)))
+        return np.asarray(logits.float().contiguous().cpu().numpy())
+
 
 class _OnnxEngine:
     """What the two ONNX engines share: the checked export, resizing, the probe input."""
@@ -233,6 +250,10 @@ class _OnnxEngine:
 
     def _run(self, images: np.ndarray, output: str) -> np.ndarray:
         raise NotImplementedError
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 logits of a uint8 RGB batch: the graph's ``scores``."""
+        return np.asarray(self._run(np.ascontiguousarray(images), "scores"), np.float32)
 
     def labels(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) class ids of a uint8 RGB batch (N, 3, H, W): the graph's own arg-max, or
@@ -460,6 +481,10 @@ class _Chosen:
     def labels(self, images: np.ndarray) -> np.ndarray:
         """The kept engine's."""
         return self.engine.labels(images)
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """The kept engine's."""
+        return self.engine.scores(images)
 
 
 def _candidates(backend: str, compute: ComputeConfig, device: torch.device) -> list[str]:

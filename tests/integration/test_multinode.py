@@ -14,12 +14,14 @@ the data and outputs live on the SeaweedFS server. What a user relies on:
 - a worker node lost mid-training costs at most an epoch: the workers restart on the nodes
   left, from the latest checkpoint (Ray rebuilds the decoded blocks the node held from
   their lineage), and the run completes with each epoch once;
-- a worker node lost mid-segmentation loses nothing and doubles nothing: one
-  ``predictions`` row per good image, the bad image in ``errors``.
+- a worker node lost mid-segmentation, tiled (each image's strips on both nodes), loses
+  nothing and doubles nothing: one ``predictions`` row per good image, each label map
+  whole, the bad image in ``errors``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import shutil
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from fcn.models import build_model
 from fcn.synthetic import CLASS_NAMES
@@ -284,6 +287,9 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
         "segment", inbox, "--model", model_uri, "--output", out, "--run-id", "inbox",
         "--batch-size", "1", "--rows-per-file", "1", "--stall-actors-after", "2",
         "--backend", "onnxruntime",  # the artifact's ONNX export, made by the driver first
+        # Tiled: each 64 px image is two strips of two windows, so an image's strips go to
+        # both actors, and the lost node takes strips of images in flight with it.
+        "--tile", "48", "--overlap", "8",
     ])  # fmt: skip
     # Each actor stalls before its third image (the hidden fault hook) until released: the
     # node of the first one stalled dies with that image in flight, however fast the model.
@@ -312,8 +318,13 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
     assert "segment: 2 actor(s) x 1.75 CPUs x 2 threads" in "\n".join(lines), lines[-40:]
     assert read_table(out, "runs", run_ids=["inbox"])["engine"][0].as_py().startswith("onnxruntime")
 
-    ids = read_table(out, "predictions", run_ids=["inbox"])["image_id"].to_pylist()
+    predictions = read_table(out, "predictions", run_ids=["inbox"]).to_pylist()
+    ids = [row["image_id"] for row in predictions]
     assert len(ids) == len(set(ids)) == GOOD_IMAGES  # every good image once, none twice
+    for row in predictions:  # every label map whole, assembled from its strips
+        assert Image.open(io.BytesIO(row["label_map"])).size == (64, 64)
+        assert sum(row["class_pixel_counts"]) == 64 * 64
+    assert not list_files(join(out, "label_maps", "run_id=inbox", "_parts"))
     errors = read_table(out, "errors", run_ids=["inbox"]).to_pylist()
     assert [e["image_id"] for e in errors] == ["shapes_000007"]
     assert sorted(committed_runs(out)) == ["inbox", "multinode"]

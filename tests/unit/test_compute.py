@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from fcn.engine import FP32, Compute, evaluate, predict, train_step
+from fcn.engine import FP32, Compute, evaluate, predict
 from fcn.metrics import ConfusionMatrix
 from fcn.models import build_model
 from fcn.optim import build_optimizer
 from fcn.synthetic import CLASS_NAMES, make_sample
-from fcn.transforms import eval_transform, train_transform
+from fcn.transforms import eval_transform
 from pipeline import compute
 from pipeline.compute import ComputeConfig, inference_probe, resolve
+from tests.models import trained_fcn
 
 pytestmark = pytest.mark.unit
 
@@ -115,30 +116,9 @@ def test_the_real_probe_times_the_model_without_changing_it() -> None:
     assert conv_weight.is_contiguous()  # the probe's channels_last copy left it NCHW
 
 
-def _trained(size: int = 64, steps: int = 60) -> torch.nn.Module:
-    """An FCN-8s ResNet-18 trained a little on synthetic shapes, in fp32 (a few seconds)."""
-    torch.manual_seed(0)
-    model = build_model("fcn8s_resnet18", len(CLASS_NAMES))
-    optimizer = build_optimizer(model, "adamw", lr=3e-3, weight_decay=0.0)
-    augment = train_transform(size, scale_range=(1.0, 1.0))
-    samples = [make_sample(i, size=size, seed=1) for i in range(16)]
-    model.train()
-    for step in range(steps):
-        pairs = [augment(*samples[(step * 4 + k) % len(samples)]) for k in range(4)]
-        images = torch.stack([p[0] for p in pairs])
-        masks = torch.stack([p[1] for p in pairs])
-        train_step(model, images, masks, optimizer)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def trained() -> torch.nn.Module:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        return _trained()
-    finally:
-        torch.set_num_threads(threads)
+    return trained_fcn()
 
 
 @pytest.mark.parametrize(

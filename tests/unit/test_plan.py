@@ -110,6 +110,10 @@ def test_every_option_given_wins_over_the_plan() -> None:
     assert segment(cluster, threads_per_actor=1).threads == 1
     assert segment(cluster, batch_pixels=2**20).batch_pixels == 2**20
     assert segment(cluster, batch_size=4).batch_size == 4
+    # Actors given, CPUs auto: the node's CPUs shared, so that every actor asked for starts.
+    two = segment(LAPTOP, actors=2)
+    assert (two.actors, two.cpus_per_actor, two.threads) == (2, 0.87, 1)
+    assert segment(cluster, actors=3).cpus_per_actor == 7  # two a node fit as they are
     reads = plan_segment(LAPTOP, SegmentScaling(), footprint=SMALL, decode_cpus=1.0)
     assert (reads.read_cpus, reads.cpus_per_actor) == (1.0, 1.0)
 
