@@ -13,7 +13,7 @@ import pytest
 
 from fcn.synthetic import CLASS_NAMES
 from pipeline.data.synthetic import write_synthetic
-from pipeline.tables import RunWriter
+from pipeline.store.runs import RunWriter
 from tests.cli import fcnpipe, fcnpipe_in_process
 
 pytestmark = pytest.mark.e2e

@@ -43,7 +43,7 @@ from pipeline.artifacts import ModelCard, load_artifact, save_model
 from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults
 from pipeline.storage import exists, join, list_files, write_bytes
-from pipeline.tables import committed_runs, read_table
+from pipeline.store.read import committed_runs, read_table
 
 pytestmark = pytest.mark.integration
 

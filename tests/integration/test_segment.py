@@ -39,7 +39,8 @@ from pipeline.faults import Faults
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import segment
 from pipeline.storage import join, list_files, read_bytes, write_bytes
-from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
+from pipeline.store.read import committed_runs, duckdb_connection, read_table
+from pipeline.tables import RunExistsError
 from tests.cli import FCNPIPE, fcnpipe_in_process
 
 pytestmark = pytest.mark.integration
