@@ -274,7 +274,7 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
 
     # Segmentation sized by fcnpipe (pipeline.plan): an actor on each of the two nodes left;
     # once an actor has segmented two images, its node dies.
-    partition = join(out, "predictions/run_id=inbox")
+    partition = join(out, "predictions/data/run_id=inbox")
 
     def written() -> int:
         return len(list_files(partition)) if exists(partition) else 0
