@@ -39,8 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.plan import WRITE_CPUS
 from pipeline.segment.actor import COUNTS, SEGMENT_OUTPUT
-from pipeline.segment.write import MAX_FILE_BYTES, WRITE_CPUS, WritePlan, write_batch
+from pipeline.segment.write import MAX_FILE_BYTES, WritePlan, write_batch
 from pipeline.storage import join
 from pipeline.store.files import TableWriter
 

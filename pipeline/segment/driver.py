@@ -45,7 +45,7 @@ from pipeline.plan import SegmentPlan, detect_resources, model_footprint, plan_s
 from pipeline.segment.actor import COUNTS, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.engines import Backend
-from pipeline.segment.write import WRITE_CPUS, WritePlan, write_batch
+from pipeline.segment.write import WritePlan, write_batch
 from pipeline.storage import StorageOptions
 from pipeline.store.read import check_not_committed
 from pipeline.store.runs import RunWriter
@@ -341,7 +341,8 @@ def _stream(
         functools.partial(write_batch, plan=_write_plan(config, job)),
         batch_format="pyarrow",
         batch_size=config.output.rows_per_file,
-        num_cpus=WRITE_CPUS,
+        # The plan's read share beside the actors, in turns with the read tasks.
+        num_cpus=sizing.write_cpus,
     )
     exit_after = None if faults is None else faults.driver_exit_after
     out, first_rows, in_files = _Stream(), 0, 0

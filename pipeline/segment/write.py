@@ -29,10 +29,7 @@ import pyarrow.compute as pc
 from pipeline.segment.actor import COUNTS
 from pipeline.store.files import TableTarget, TableWriter
 
-__all__ = ["WRITE_CPUS", "WRITTEN", "WritePlan", "split_rows", "write_batch"]
-
-WRITE_CPUS = 0.25
-"""CPUs Ray reserves per write task (zstd and uploads: light, and beside every actor)."""
+__all__ = ["WRITTEN", "WritePlan", "split_rows", "write_batch"]
 
 MAX_FILE_BYTES = 64 * 2**20
 """Arrow bytes of ``predictions`` (label maps, mostly) per data file, at most."""
