@@ -381,7 +381,7 @@ class Location:
         them from the environment as :meth:`pyarrow_fs` does."""
         opts = self.options
         if self.scheme != "s3":
-            return {"gcs.anonymous": "true"} if self.scheme == "gs" and opts.anon else {}
+            return {}
         props = {
             # Always set: without a region pyiceberg asks AWS where the bucket is.
             "s3.region": opts.s3_region or "us-east-1",
