@@ -20,6 +20,7 @@ SQLAlchemy.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import secrets
@@ -215,7 +216,7 @@ class TableWriter:
 
     def _write_part(self, data: pa.Table) -> str:
         if self._dir is None:
-            self._dir = resolve(self.target.data_uri, self.target.options)
+            self._dir = _directory(self.target.data_uri, self.target.options)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{self.writer_id}-{self._seq:05d}-{secrets.token_hex(3)}.parquet"
         loc = self._dir.join(name)
@@ -245,6 +246,13 @@ class TableWriter:
         # Close (flush) only on success; after an error the caller decides (a rerun resumes).
         if exc_type is None:
             self.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _directory(uri: str, options: StorageOptions) -> Location:
+    """A data directory, resolved once per process: a Ray worker running many write tasks
+    reuses its filesystem (and connections) instead of building one per file."""
+    return resolve(uri, options)
 
 
 def fs_path(uri: str) -> str:

@@ -216,6 +216,7 @@ class RunWriter:
                 for part in staged:
                     logger.info("run %s: deleting %s of an earlier attempt", run_id, part.uri)
                     delete(resolve(part.uri, self._root.options))
+                    del self._parts[part.uri]
                 continue
             kept = [p.uri for p in self._candidates(table)]
             if kept:
@@ -558,8 +559,7 @@ class RunWriter:
             )
             writer = TableWriter(self._targets[table], writer_id="commit", max_rows=2**62)
             writer.write(rest)
-            (uri,) = writer.close()
-            kept.append(self._part_of(uri))
+            kept.extend(self._part_of(uri) for uri in writer.close())
         return sorted(kept, key=lambda p: p.name), dropped
 
     def _part_of(self, uri: str) -> _Part:

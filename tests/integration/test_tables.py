@@ -426,3 +426,51 @@ def test_tables_gain_the_columns_the_contract_gains(
     assert "engine" in _store(root).require("runs").schema().column_names
     runs = read_table(root, "runs").sort_by("run_id")
     assert runs["engine"].to_pylist() == ["torch 2.14.1", None]  # newer, older
+
+
+def test_a_run_published_table_by_table_and_cut_short_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REST, Hive and Glue catalogs publish a run table by table, ``runs`` last. Cut short
+    between two tables, the run is not committed for our readers, and its rerun completes
+    it without a duplicate row. (Simulated on the SQL catalog without its one-transaction
+    publishing.)"""
+    from pyiceberg.table import Transaction
+
+    from pipeline.store.catalog import CatalogInfo
+
+    root, run_id = str(tmp_path / "out"), "segment-cut"
+    monkeypatch.setattr(CatalogInfo, "is_sql", property(lambda self: False))
+    first = _segment_run(root, run_id, ["a", "b"])
+    first.write("class_metrics", metrics("a") + metrics("b"))
+    first.write("errors", [{"image_uri": "u", "stage": "read", "error_type": "E", "message": "m"}])
+    commit_transaction = Transaction.commit_transaction
+    published: list[str] = []
+
+    def cut_short(tx: Transaction) -> Any:
+        if len(published) == 2:  # errors and class_metrics are in; predictions and runs not
+            raise SystemExit("killed")
+        published.append(tx._table.name()[-1])
+        return commit_transaction(tx)
+
+    monkeypatch.setattr(Transaction, "commit_transaction", cut_short)
+    with pytest.raises(SystemExit):
+        first.commit()
+    monkeypatch.setattr(Transaction, "commit_transaction", commit_transaction)
+    assert published == ["errors", "class_metrics"]
+    assert committed_runs(root) == []  # no runs row: not committed, for our readers
+    assert read_table(root, "class_metrics").num_rows == 0
+    assert len(_store(root).run_files("class_metrics", run_id)) == 1  # other engines: there
+
+    second = RunWriter(root, run_id, "segment")
+    assert second.resumed and second.existing_ids("predictions") == {"a", "b"}
+    second.write("predictions", predictions(["c"]))
+    second.write("class_metrics", metrics("c"))
+    second.write("runs", [runs_row("segment", 0.7)])
+    second.commit()
+    assert committed_runs(root) == [run_id]
+    assert sorted(read_table(root, "predictions")["image_id"].to_pylist()) == ["a", "b", "c"]
+    cm = read_table(root, "class_metrics")["image_id"].to_pylist()
+    assert sorted(cm) == ["a", "a", "b", "b", "c", "c"]
+    assert read_table(root, "errors").num_rows == 1
+    assert read_table(root, "runs")["mean_iou"].to_pylist() == [0.7]
