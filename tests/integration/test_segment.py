@@ -148,6 +148,10 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
         assert run[key] == pytest.approx(expected[key]), key
     iou = [None if np.isnan(v) else pytest.approx(v) for v in expected["iou"]]
     assert run["class_iou"] == iou
+    # How the run was sized (pipeline.plan) is in the Iceberg runs table: the write tasks
+    # take turns with the reads in their share.
+    assert run["plan"].startswith("segment: 1 actor(s) x 0.5 CPUs x 1 threads"), run["plan"]
+    assert "reads and writes 0.25 CPU" in run["plan"]
 
     # class_metrics summed per class gives class_iou, in DuckDB as in pyarrow.
     con = duckdb_connection(out)
