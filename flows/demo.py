@@ -138,7 +138,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> TrainAndSegm
         config: What to make and how long to train.
         console: Where the summary goes (stdout when None).
     """
-    from pipeline.tables import duckdb_connection
+    from pipeline.store.read import duckdb_connection
 
     console = console or Console()
     started = time.perf_counter()

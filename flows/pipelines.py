@@ -117,7 +117,7 @@ def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str
 
 def _already_committed(config: TrainConfig | SegmentConfig) -> bool:
     """Whether a retry finds its run committed (by an attempt that died after the commit)."""
-    from pipeline.tables import is_committed
+    from pipeline.store.read import is_committed
 
     if (
         config.run_id is None

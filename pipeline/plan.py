@@ -15,6 +15,8 @@ The rules, and the measurements they stand on (2-core AMD EPYC, README "Sizing")
   nodes of any size, while the actors get the rest. A node's actors are at most
   :data:`MAX_ACTOR_CPUS` CPUs each (an actor of 32 torch threads scales worse than four of
   8), with as many threads as their CPUs rounded up: the read share is time-shared.
+  The tasks that write the result tables' data files (:data:`WRITE_CPUS`) take turns with
+  the reads in that share: at most a read task's CPUs, so one always fits beside the actors.
 - On GPU nodes: one actor per GPU (``gpus_per_actor`` shares them), one CPU each.
 - An actor declares the memory it needs to Ray (:meth:`ModelFootprint.actor_bytes`): a
   fixed part (the runtime and the model's weights) plus the activations of one batch of
@@ -52,6 +54,7 @@ __all__ = [
     "MIN_BATCH_PIXELS",
     "READ_CPUS",
     "READ_SHARE",
+    "WRITE_CPUS",
     "Auto",
     "ModelFootprint",
     "Node",
@@ -74,6 +77,9 @@ READ_CPUS: Final = 0.25
 """CPUs a segmentation read (decode) task asks for, where ``decode_cpus`` is auto."""
 READ_SHARE: Final = 1 / 8
 """Share of each node's CPUs kept for segmentation's read tasks (at least one task's)."""
+WRITE_CPUS: Final = 0.25
+"""CPUs a segmentation write task (zstd and uploads of the tables' data files) asks for,
+at most; it shares the read share with the read tasks."""
 MAX_ACTOR_CPUS: Final = 8
 """Largest CPU actor the plan makes: bigger nodes get several."""
 DEFAULT_BATCH_PIXELS: Final = 4 * 2**20
@@ -172,6 +178,8 @@ class SegmentPlan:
     """torch (or engine) threads per actor."""
     read_cpus: float
     """CPUs per read (decode) task."""
+    write_cpus: float
+    """CPUs per write task (the tables' data files): within the read share."""
     batch_pixels: int
     """Most pixels one model call stacks."""
     batch_size: int
@@ -194,9 +202,14 @@ class SegmentPlan:
             grows = " (the pool grows with the cluster)"
         elif self.max_actors > self.actors:
             grows = f" (up to {self.max_actors})"
+        tasks = (
+            f"reads and writes {self.read_cpus:g} CPU"
+            if self.write_cpus == self.read_cpus
+            else f"reads {self.read_cpus:g} CPU, writes {self.write_cpus:g} CPU"
+        )
         return (
             f"segment: {self.actors} actor(s){grows} x {self.cpus_per_actor:g} CPUs{device} x "
-            f"{self.threads} threads, reads {self.read_cpus:g} CPU, batches <= "
+            f"{self.threads} threads, {tasks}, batches <= "
             f"{_mp(self.batch_pixels)} MP and {self.batch_size} images, "
             f"{_gb(self.memory_per_actor)} GB per actor, {self.nodes} node(s)"
         )
@@ -326,6 +339,7 @@ def plan_segment(
         gpus_per_actor=gpus,
         threads=threads,
         read_cpus=read,
+        write_cpus=min(WRITE_CPUS, read),
         batch_pixels=budget,
         batch_size=scaling.batch_size,
         memory_per_actor=memory,

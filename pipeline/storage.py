@@ -46,6 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
@@ -194,10 +195,17 @@ class StorageOptions:
     """Timeout for a response (botocore; pyarrow's AWS SDK applies it on macOS/Windows only)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy, metadata={"cli": False})
     """Retry policy for transient errors."""
+    catalog: str | None = None
+    """Iceberg catalog of the result tables: a REST (``https://host/path``), Hive
+    (``thrift://host:9083``), Glue (``glue://``) or SQL (``sqlite:////path.db``) URI, or a catalog
+    name from the pyiceberg configuration; None: ``FCNPIPE_CATALOG``, else the embedded SQLite
+    catalog of the output root (``pipeline.store.catalog``). Never with credentials in it."""
 
     def __post_init__(self) -> None:
         if self.s3_endpoint is not None:
             object.__setattr__(self, "s3_endpoint", _check_endpoint(self.s3_endpoint))
+        if self.catalog is not None:
+            _check_catalog(self.catalog)
         if self.s3_region is not None and (
             not self.s3_region or any(c.isspace() for c in self.s3_region)
         ):
@@ -209,7 +217,7 @@ class StorageOptions:
             )
 
     def with_environment(self) -> StorageOptions:
-        """These options with the endpoint and region filled in from the environment."""
+        """These options with the endpoint, region and catalog filled in from the environment."""
         endpoint = self.s3_endpoint
         if endpoint is None:
             env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
@@ -222,7 +230,10 @@ class StorageOptions:
             or os.environ.get("AWS_DEFAULT_REGION")
             or None
         )
-        return replace(self, s3_endpoint=endpoint, s3_region=region)
+        catalog = self.catalog or os.environ.get("FCNPIPE_CATALOG") or None
+        if catalog is not None and catalog != self.catalog:
+            _check_catalog(catalog, source="FCNPIPE_CATALOG")
+        return replace(self, s3_endpoint=endpoint, s3_region=region, catalog=catalog)
 
 
 def _check_endpoint(endpoint: str) -> str:
@@ -251,6 +262,27 @@ def _check_endpoint(endpoint: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
+_SECRET_WORDS = ("credential", "secret", "password", "token", "key")
+
+
+def _check_catalog(catalog: str, source: str = "catalog") -> None:
+    """Refuse a catalog URI that could carry a secret (values never echoed)."""
+    parts = urlsplit(catalog)
+    if parts.password is not None or (parts.username and "@" in parts.netloc):
+        raise ConfigError(
+            f"{source} must not hold user:password@ (value not shown: it may hold a password); "
+            "credentials come from the environment (PYICEBERG_CATALOG__FCNPIPE__CREDENTIAL, "
+            "__TOKEN, or the libraries' own variables)"
+        )
+    for pair in parts.query.split("&") if parts.query else ():
+        name = pair.partition("=")[0].lower()
+        if any(word in name for word in _SECRET_WORDS):
+            raise ConfigError(
+                f"{source}: property {name!r} looks like a credential (value not shown); set it "
+                f"in the environment instead (PYICEBERG_CATALOG__FCNPIPE__{name.upper()})"
+            )
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """One object found by :func:`list_files`."""
@@ -261,6 +293,8 @@ class FileInfo:
     """Path relative to the listed root, ``/``-separated."""
     size: int
     """Size in bytes."""
+    modified: float | None = None
+    """Last modification, seconds since the epoch (None where the store does not say)."""
 
 
 @dataclass(frozen=True)
@@ -336,6 +370,31 @@ class Location:
             kwargs["scheme"] = endpoint.scheme
             kwargs["endpoint_override"] = endpoint.netloc
         return pafs.S3FileSystem(**kwargs), self.path
+
+    @property
+    def iceberg_uri(self) -> str:
+        """The URI Iceberg metadata uses for this location (``file:///abs`` for local paths)."""
+        return f"file://{self.path}" if self.is_local else self.uri
+
+    def iceberg_properties(self) -> dict[str, str]:
+        """pyiceberg FileIO properties that reach this location (its endpoint, region,
+        path-style addressing, timeouts); no credentials: pyiceberg's pyarrow FileIO reads
+        them from the environment as :meth:`pyarrow_fs` does."""
+        opts = self.options
+        if self.scheme != "s3":
+            return {}
+        props = {
+            # Always set: without a region pyiceberg asks AWS where the bucket is.
+            "s3.region": opts.s3_region or "us-east-1",
+            "s3.force-virtual-addressing": "false",
+            "s3.connect-timeout": f"{opts.connect_timeout_s:g}",
+            "s3.request-timeout": f"{opts.read_timeout_s:g}",
+        }
+        if opts.s3_endpoint:
+            props["s3.endpoint"] = opts.s3_endpoint
+        if opts.anon:
+            props["s3.anonymous"] = "true"
+        return props
 
 
 def resolve(uri: str | Path | Location, options: StorageOptions | None = None) -> Location:
@@ -527,7 +586,12 @@ def list_files(
             continue
         relpath = name[len(root) + 1 :] if name.startswith(root + "/") else posixpath.basename(name)
         out.append(
-            FileInfo(uri=_format_uri(loc.scheme, name), relpath=relpath, size=int(info["size"]))
+            FileInfo(
+                uri=_format_uri(loc.scheme, name),
+                relpath=relpath,
+                size=int(info["size"]),
+                modified=_modified(info),
+            )
         )
     out.sort(key=lambda f: f.uri)
     return out
@@ -672,6 +736,16 @@ def _fsspec_filesystem(scheme: str, opts: StorageOptions, uri: str) -> Any:
     # multiply both under throttling. The instance is ours alone (skip_instance_cache).
     fs.retries = 1
     return fs
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """Modification time of an fsspec listing entry (``mtime`` locally, ``LastModified`` on S3)."""
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return None
 
 
 def _write_local_atomic(path: Path, data: bytes) -> None:

@@ -18,7 +18,7 @@ from fcn.palette import encode_label_png
 from fcn.synthetic import CLASS_NAMES, NUM_CLASSES, make_dataset
 from pipeline.data.synthetic import write_synthetic
 from pipeline.storage import StorageOptions, join, resolve
-from pipeline.tables import RunWriter
+from pipeline.store.runs import RunWriter
 
 SEED = 3
 

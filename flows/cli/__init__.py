@@ -5,17 +5,17 @@ Usage:
 
 Commands by what they touch: ``data`` (models, dataset synth | index | info), ``jobs``
 (train, segment), ``results`` (query, runs, report, show), ``bench`` (bench read | train |
-segment, experiment skips) and ``orchestrate`` (flow ..., schedule train, demo). Each builds
-the same typed configuration the Python API, the Prefect flows and the Ray workers take
-(``pipeline.config``); only the orchestrating commands import Prefect. Errors:
-``flows.cli.common.run``.
+segment | tables, experiment skips), ``tables`` (tables info | maintain | migrate) and
+``orchestrate`` (flow ..., schedule train, demo). Each builds the same typed configuration
+the Python API, the Prefect flows and the Ray workers take (``pipeline.config``); only the
+orchestrating commands import Prefect. Errors: ``flows.cli.common.run``.
 """
 
 from __future__ import annotations
 
 import os
 
-from flows.cli import bench, data, jobs, orchestrate, results  # noqa: F401  (they register)
+from flows.cli import bench, data, jobs, orchestrate, results, tables  # noqa: F401  (they register)
 from flows.cli.common import app, run
 
 __all__ = ["app", "main"]

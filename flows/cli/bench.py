@@ -1,4 +1,4 @@
-"""``fcnpipe bench read | train | segment | tiles`` and ``fcnpipe experiment skips``.
+"""``fcnpipe bench read | train | segment | tiles | tables`` and ``fcnpipe experiment skips``.
 
 The benchmarks that read from S3 start a SeaweedFS server of their own on 127.0.0.1 (random
 credentials, stopped after) unless given URIs: that development helper lives in
@@ -305,6 +305,36 @@ def _size(text: str) -> tuple[int, int]:
     if min(size) < 32:
         raise typer.BadParameter(f"photos must be at least 32x32, got {text!r}")
     return size
+
+
+@bench_app.command("tables")
+def bench_tables(
+    num_images: Annotated[int, typer.Option(min=100, help="Synthetic images per run.")] = 4000,
+    size: Annotated[int, typer.Option(min=32, help="Side of their label maps.")] = 384,
+    rows_per_file: Annotated[int, typer.Option(min=1, help="Images per data file.")] = 500,
+    actor_rate: Annotated[
+        float, typer.Option(min=1.0, help="One actor's images/s, for the cluster sizes.")
+    ] = 300.0,
+    local: Annotated[bool, typer.Option(help="Tables on local disk, not a local S3.")] = False,
+) -> None:
+    """The driver's ceiling (images/s, MB/s of label maps) with the single-driver design and
+    with workers writing the data files; the cluster size at which each saturates."""
+    from pipeline.bench.tables import bench_tables as run_bench
+    from pipeline.bench.tables import format_bench_tables
+
+    with (
+        tempfile.TemporaryDirectory(prefix="fcnpipe-bench-tables-") as tmp,
+        _scratch_root(Path(tmp), use_s3=not local) as root,
+    ):
+        result = run_bench(
+            num_images=num_images,
+            size=size,
+            rows_per_file=rows_per_file,
+            actor_rate=actor_rate,
+            root=root,
+            echo=typer.echo,
+        )
+    typer.echo(format_bench_tables(result))
 
 
 @experiment_app.command("skips")

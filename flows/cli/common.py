@@ -21,6 +21,7 @@ from pipeline.errors import InputError, ServiceError
 from pipeline.storage import StorageOptions
 
 __all__ = [
+    "CatalogOption",
     "LayoutOption",
     "NumCpus",
     "S3Endpoint",
@@ -32,6 +33,7 @@ __all__ = [
     "run",
     "schedule_app",
     "storage_options",
+    "tables_app",
 ]
 
 app = typer.Typer(
@@ -53,6 +55,10 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(flow_app, name="flow")
 app.add_typer(schedule_app, name="schedule")
+tables_app = typer.Typer(
+    help="The result tables' Iceberg catalog: connect, maintain, migrate.", no_args_is_help=True
+)
+app.add_typer(tables_app, name="tables")
 
 S3Endpoint = Annotated[
     str | None,
@@ -60,6 +66,15 @@ S3Endpoint = Annotated[
         "--s3-endpoint",
         help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). "
         "Credentials come from the standard AWS variables or profile, never from options.",
+    ),
+]
+CatalogOption = Annotated[
+    str | None,
+    typer.Option(
+        "--catalog",
+        help="Iceberg catalog of the result tables: https://... (REST), thrift://... (Hive), "
+        "glue://, sqlite:///... (default: FCNPIPE_CATALOG, else the embedded SQLite catalog). "
+        "Credentials come from the environment (PYICEBERG_CATALOG__FCNPIPE__*), never options.",
     ),
 ]
 LayoutOption = Annotated[
@@ -71,9 +86,9 @@ NumCpus = Annotated[
 ]
 
 
-def storage_options(s3_endpoint: str | None) -> StorageOptions:
-    """Storage options from ``--s3-endpoint`` (and the environment)."""
-    return StorageOptions(s3_endpoint=s3_endpoint)
+def storage_options(s3_endpoint: str | None, catalog: str | None = None) -> StorageOptions:
+    """Storage options from ``--s3-endpoint`` and ``--catalog`` (and the environment)."""
+    return StorageOptions(s3_endpoint=s3_endpoint, catalog=catalog)
 
 
 def run(typer_app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from flows.cli.common import S3Endpoint, app, storage_options
+from flows.cli.common import CatalogOption, S3Endpoint, app, storage_options
 
 __all__: list[str] = []
 
@@ -34,6 +34,7 @@ def query(
         str | None, typer.Option("--out", "-o", help="Write to this file (path or URI).")
     ] = None,
     s3_endpoint: S3Endpoint = None,
+    catalog: CatalogOption = None,
 ) -> None:
     """Run SQL over the result tables of the committed runs (local or S3).
 
@@ -46,7 +47,7 @@ def query(
     from pipeline.storage import resolve, write_bytes
 
     chosen = choose_format(fmt, out)
-    options = storage_options(s3_endpoint)
+    options = storage_options(s3_endpoint, catalog)
     with Results(out_uri, options) as results:
         table = results.query(sql)
     if chosen == "table":
@@ -63,12 +64,12 @@ def query(
 
 
 @app.command()
-def runs(out_uri: OutUri, s3_endpoint: S3Endpoint = None) -> None:
+def runs(out_uri: OutUri, s3_endpoint: S3Endpoint = None, catalog: CatalogOption = None) -> None:
     """List the committed runs under an output root, oldest first."""
     from pipeline.results.output import print_runs
     from pipeline.results.reader import Results
 
-    with Results(out_uri, storage_options(s3_endpoint)) as results:
+    with Results(out_uri, storage_options(s3_endpoint, catalog)) as results:
         print_runs(Console(), results.runs())
 
 
@@ -81,6 +82,7 @@ def report(
     ] = None,
     images: Annotated[int, typer.Option(min=1, help="Best and worst images shown.")] = 4,
     s3_endpoint: S3Endpoint = None,
+    catalog: CatalogOption = None,
 ) -> None:
     """Print a run's paper metrics, per-class IoU and best and worst images; --html writes
     a report with charts, training curves and overlays."""
@@ -88,7 +90,7 @@ def report(
     from pipeline.results.output import print_report
     from pipeline.results.reader import Results
 
-    with Results(out_uri, storage_options(s3_endpoint)) as results:
+    with Results(out_uri, storage_options(s3_endpoint, catalog)) as results:
         print_report(Console(), results, run_id, num_images=images)
         if html is not None:
             typer.echo(f"report:   {write_html_report(results, run_id, html, num_images=images)}")
@@ -101,6 +103,7 @@ def show(
     image_id: Annotated[str, typer.Argument(help="An image the run segmented.")],
     out: Annotated[str, typer.Option("--out", "-o", help="PNG to write (path or URI).")],
     s3_endpoint: S3Endpoint = None,
+    catalog: CatalogOption = None,
 ) -> None:
     """Write one image's overlay: image | ground truth | prediction (image | prediction
     without a mask)."""
@@ -108,7 +111,7 @@ def show(
     from pipeline.results.reader import Results
     from pipeline.storage import resolve, write_bytes
 
-    options = storage_options(s3_endpoint)
+    options = storage_options(s3_endpoint, catalog)
     with Results(out_uri, options) as results:
         panel = overlay_panel(results, run_id, image_id)
     target = resolve(out, options)

@@ -6,9 +6,10 @@ Usage:
     fcnpipe report OUT RUN_ID --html report.html
     fcnpipe show OUT RUN_ID IMAGE_ID --out overlay.png
 
-Everything here reads *committed* runs only, through the readers of :mod:`pipeline.tables`:
-DuckDB views ``predictions``, ``class_metrics``, ``runs``, ``errors`` and ``training`` over the
-Parquet files the commit markers list, on local disk or S3 alike.
+Everything here reads *committed* runs only, through the Iceberg catalog
+(:mod:`pipeline.store.read`): DuckDB views ``predictions``, ``class_metrics``, ``runs``,
+``errors`` and ``training`` over the data files of the tables' current snapshots (scanned as
+Arrow, no DuckDB extension), on local disk or S3 alike.
 
 - A run's scores come from its ``runs`` row; a per-image mean IoU is the mean of the image's
   ``class_metrics.iou`` (classes in its ground truth or prediction, as the paper's mean IoU
@@ -39,14 +40,8 @@ import pyarrow.compute as pc
 from fcn.metrics import PAPER_METRICS
 from pipeline.errors import ConfigError, InputError
 from pipeline.storage import Location, StorageOptions, resolve
-from pipeline.tables import (
-    TABLES,
-    RunNotCommittedError,
-    TableError,
-    committed_runs,
-    duckdb_connection,
-    table_dataset,
-)
+from pipeline.store.read import TableReader
+from pipeline.tables import TABLES, RunNotCommittedError, TableError
 
 if TYPE_CHECKING:
     import duckdb
@@ -148,7 +143,8 @@ class Results:
 
     def __init__(self, out_uri: str | Location, options: StorageOptions | None = None) -> None:
         self._root = resolve(out_uri, options)
-        self.run_ids: list[str] = committed_runs(self._root)
+        self._tables = TableReader(self._root)
+        self.run_ids: list[str] = self._tables.run_ids
         """Ids of the committed runs, sorted."""
         if not self.run_ids:
             raise NoRunsError(
@@ -184,7 +180,7 @@ class Results:
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
-            self._con = duckdb_connection(self._root, self.run_ids)
+            self._con = self._tables.duckdb(self.run_ids)
         return self._con
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
@@ -375,7 +371,7 @@ class Results:
         """
         summary = self.summary(run_id)
         rows = (
-            table_dataset(self._root, "predictions", [run_id])
+            self._tables.dataset("predictions", [run_id])
             .to_table(
                 columns=list(dict.fromkeys(["image_id", *columns])),
                 filter=pc.field("image_id").isin(list(image_ids)),

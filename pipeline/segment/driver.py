@@ -11,9 +11,10 @@ rest through Ray Data: read + bounded decode in tasks (:func:`pipeline.data.read
 then ``map_batches`` over a pool of :class:`Segmenter` actors. Each actor loads the model
 artifact once (``weights_only``), runs under ``torch.inference_mode()``, keeps every image at
 its own size (equal sizes are batched together) and returns one row per input row: a
-prediction, or an error. The driver writes the rows to the ``predictions``,
-``class_metrics`` and ``errors`` tables as they arrive (files of ``rows_per_file`` rows),
-then the ``runs`` row, and commits the run: nothing is visible before the marker.
+prediction, or an error. Ray Data write tasks (:func:`pipeline.segment.write.write_batch`)
+turn every ``rows_per_file`` of those into data files of the ``predictions``,
+``class_metrics`` and ``errors`` tables; the driver receives a few counts per file, writes the
+``runs`` row, and commits the run in one Iceberg commit: nothing is visible before it.
 
 Every input object ends in exactly one of ``predictions`` or ``errors``. Rerunning a
 crashed run with the same ``--run-id`` skips the images already written and never
@@ -45,15 +46,13 @@ from pipeline.segment.actor import COUNTS, SEGMENT_OUTPUT, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.engines import Backend
 from pipeline.segment.tiles import Tiling, cut_rows, label_map_dir
+from pipeline.segment.write import WritePlan, strip_rows, write_batch
 from pipeline.storage import StorageOptions
-from pipeline.tables import RunWriter, check_not_committed, new_run_id, runs_row
+from pipeline.store.read import check_not_committed
+from pipeline.store.runs import RunWriter
+from pipeline.tables import new_run_id, runs_row
 
 __all__ = ["SegmentResult", "segment"]
-
-_NO_LIMIT = 2**62
-
-
-_MAX_FILE_BYTES = 64 * 2**20  # of predictions (label maps) buffered before a flush
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,7 @@ def _preflight(config: SegmentConfig, run_id: str, echo: Callable[[str], None]) 
     card = load_card(config.model_uri, options)
     if config.output.write_png is not None:
         storage.resolve(config.output.write_png, options)  # a bad URI fails now, not in an actor
-    check_not_committed(out, run_id, config.overwrite)
+    check_not_committed(out, run_id, config.overwrite, options)
     if not storage.exists(config.input_uri, options):
         raise DatasetError(f"nothing at {config.input_uri}")
     manifest = load_manifest(
@@ -219,10 +218,7 @@ def _preflight(config: SegmentConfig, run_id: str, echo: Callable[[str], None]) 
             f"{config.model_uri} {card.num_classes}: masks would be scored against other classes"
         )
     backend = _onnx_ready(config, card, options, echo)
-    # The driver decides when files are written (see _Tables), not a per-table size limit.
-    writer = RunWriter(
-        out, run_id, "segment", overwrite=config.overwrite, max_rows=_NO_LIMIT, max_bytes=_NO_LIMIT
-    )
+    writer = RunWriter(out, run_id, "segment", overwrite=config.overwrite)
     return _Job(
         run_id=run_id,
         options=options,
@@ -362,8 +358,17 @@ def _stream(
         # Ray Data spreads the actors over the nodes (its default scheduling strategy): a lost
         # node then costs its actors, not all.
     )
+    # Data files are written beside the actors, every `rows_per_file` rows: the label maps
+    # never travel through the driver, which gets a row of counts per batch.
+    write_plan = _write_plan(config, job)
+    written = results.map_batches(
+        functools.partial(write_batch, plan=write_plan),
+        batch_format="pyarrow",
+        batch_size=config.output.rows_per_file,
+        # The plan's read share beside the actors, in turns with the read tasks.
+        num_cpus=sizing.write_cpus,
+    )
     exit_after = None if faults is None else faults.driver_exit_after
-    tables = _Tables(job.writer, config.output.rows_per_file, fail_after=exit_after)
     assembly = None
     if tiling is not None:
         assembly = _Assembly(
@@ -375,91 +380,48 @@ def _stream(
             cpus=sizing.read_cpus,
             exit_after=None if faults is None else faults.strips_exit_after,
         )
-    out, first_rows = _Stream(), 0
+    out, first_rows, in_files = _Stream(), 0, 0
     computes: collections.Counter[tuple[str, str, bool | None]] = collections.Counter()
     first_batch_at = last_batch_at = 0.0
 
-    def finished(rows: pa.Table) -> None:
-        nonlocal first_batch_at, first_rows, last_batch_at
-        if not rows.num_rows:
-            return
-        tables.write(rows, job.card.class_names, config.model_uri)
-        ran = rows.filter(rows["engine"].is_valid()).select(
-            ["engine", "precision", "channels_last"]
-        )
-        computes.update(zip(*(ran[c].to_pylist() for c in ran.column_names), strict=True))
-        if not out.processed:
-            first_batch_at, first_rows = time.perf_counter(), rows.num_rows
-        out.processed += rows.num_rows
-        last_batch_at = time.perf_counter()
+    def assembled(rows: pa.Table) -> None:
+        if rows.num_rows:  # the few rows of the large images done: written here, as a task would
+            finished(write_batch(rows, write_plan))
 
-    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows = pa.table(batch)
+    def finished(counts: pa.Table) -> None:
+        nonlocal first_batch_at, first_rows, last_batch_at, in_files
+        rows = sum(pc.sum(counts[name]).as_py() or 0 for name in ("predictions", "errors"))
+        for row in counts.filter(counts["engine"].is_valid()).to_pylist():
+            computes[(row["engine"], row["precision"], row["channels_last"])] += row["compute_rows"]
+        if not rows:
+            return
+        if not out.processed:
+            first_batch_at, first_rows = time.perf_counter(), rows
+        out.processed += rows
+        last_batch_at = time.perf_counter()
+        in_files += pc.sum(counts["predictions"]).as_py() or 0
+        if exit_after is not None and in_files >= exit_after:
+            print(f"fault injection: exiting after {in_files} predictions", flush=True)
+            os._exit(1)
+
+    for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        counts = pa.table(batch)
+        finished(counts)
         if assembly is not None:
-            rows = assembly.take(rows)
-            finished(assembly.done(wait=False))
-        finished(rows)
+            for strips in strip_rows(counts):
+                assembly.take(strips)
+            assembled(assembly.done(wait=False))
     if assembly is not None:
-        finished(assembly.done(wait=True))
+        assembled(assembly.done(wait=True))
         # Every tiled image is in a row now (or an error): parts left by a crashed attempt
         # of images that then failed go too.
         if storage.exists(out_dir.join("_parts")):
             storage.delete(out_dir.join("_parts"))
-    tables.close()
     if last_batch_at > first_batch_at:  # after start-up: actors up, the model loaded
         out.steady = (out.processed - first_rows) / (last_batch_at - first_batch_at)
     if computes:
         (out.engine, out.precision, out.channels_last), _ = computes.most_common(1)[0]
     return out
-
-
-_PREDICTION_COLUMNS = [
-    "image_id",
-    "image_uri",
-    "height",
-    "width",
-    "label_map",
-    "class_pixel_counts",
-    "latency_ms",
-    "label_map_uri",
-]
-
-
-class _Tables:
-    """The driver's writers of one attempt, flushed so that a crash loses nothing silently.
-
-    An image counts as done (skipped by a rerun) once its predictions or errors row is in a
-    file, so its class_metrics rows must be in files by then: every flush writes
-    class_metrics first, then errors, then predictions. A crash between two of them leaves
-    class_metrics rows of images not yet done; the rerun writes them again, and the commit
-    keeps only the latest file's rows per image.
-    """
-
-    def __init__(self, writer: RunWriter, rows_per_file: int, *, fail_after: int | None) -> None:
-        self.rows_per_file = rows_per_file
-        self.fail_after = fail_after
-        self.written = 0
-        self.metrics = writer.writer("class_metrics", writer_id="driver")
-        self.errors = writer.writer("errors", writer_id="driver")
-        self.predictions = writer.writer("predictions", writer_id="driver")
-        self.order = (self.metrics, self.errors, self.predictions)
-
-    def write(self, batch: pa.Table, class_names: list[str], model: str) -> None:
-        """Split one batch of actor output into the three tables; flush when one is full."""
-        _split_rows(self, batch, class_names, model)
-        full = max(self.errors.buffered_rows, self.predictions.buffered_rows) >= self.rows_per_file
-        if full or self.predictions.buffered_bytes >= _MAX_FILE_BYTES:
-            self.written += self.predictions.buffered_rows
-            for w in self.order:
-                w.flush()
-            if self.fail_after is not None and self.written >= self.fail_after:
-                print(f"fault injection: exiting after {self.written} predictions", flush=True)
-                os._exit(1)
-
-    def close(self) -> None:
-        """Write what is buffered, in the safe order."""
-        for w in self.order:
-            w.close()
 
 
 class _Assembly:
@@ -590,48 +552,13 @@ class _Assembly:
         return row
 
 
-def _split_rows(tables: _Tables, batch: pa.Table, class_names: list[str], model: str) -> None:
-    """Buffer one batch of actor output as predictions, class_metrics and errors rows."""
-    failed = batch["stage"].is_valid()
-    errors = batch.filter(failed)
-    if errors.num_rows:
-        tables.errors.write(
-            errors.select(["image_id", "image_uri", "stage", "error_type", "message"])
-        )
-    good = batch.filter(pc.invert(failed))
-    if not good.num_rows:
-        return
-    predictions = good.select(_PREDICTION_COLUMNS).append_column(
-        "model_uri", pa.array([model] * good.num_rows, pa.string())
+def _write_plan(config: SegmentConfig, job: _Job) -> WritePlan:
+    """What the write tasks need: the run's data directories and schemas, the names."""
+    return WritePlan(
+        targets={t: job.writer.target(t) for t in ("predictions", "class_metrics", "errors")},
+        class_names=tuple(job.card.class_names),
+        model_uri=config.model_uri,
     )
-    tables.predictions.write(predictions)
-    scored = good.filter(good["gt_pixels"].is_valid())
-    rows: dict[str, list[Any]] = {
-        name: [] for name in ("image_id", "class_id", "class_name", *COUNTS, "iou")
-    }
-    for row in scored.select(["image_id", *COUNTS]).to_pylist():
-        for class_id, (gt, pred, inter, union) in enumerate(
-            zip(*(row[n] for n in COUNTS), strict=True)
-        ):
-            if gt == 0 and pred == 0:
-                continue  # only classes present in the ground truth or the prediction
-            for name, value in zip(
-                ("image_id", "class_id", "class_name", *COUNTS, "iou"),
-                (
-                    row["image_id"],
-                    class_id,
-                    class_names[class_id],
-                    gt,
-                    pred,
-                    inter,
-                    union,
-                    inter / union if union else None,
-                ),
-                strict=True,
-            ):
-                rows[name].append(value)
-    if rows["image_id"]:
-        tables.metrics.write(rows)
 
 
 def _run_totals(

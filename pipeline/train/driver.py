@@ -46,7 +46,9 @@ from pipeline.data.layouts import load_manifest, manifest_hash, manifest_meta
 from pipeline.faults import Faults
 from pipeline.plan import TrainPlan
 from pipeline.storage import StorageOptions
-from pipeline.tables import RunWriter, check_not_committed, new_run_id, runs_row
+from pipeline.store.read import check_not_committed
+from pipeline.store.runs import RunWriter
+from pipeline.tables import new_run_id, runs_row
 from pipeline.train.config import TrainConfig, TrainConfigError
 from pipeline.train.worker import (
     CHECKPOINT_DIR,

@@ -12,6 +12,7 @@ import pytest
 
 from fcn.palette import decode_label_png
 from fcn.synthetic import CLASS_NAMES
+from pipeline.store.read import committed_runs
 from tests.cli import fcnpipe, fcnpipe_in_process
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +74,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "bucket" / "shapes" / "classes.txt").exists()
-    runs = sorted(path.stem for path in (workdir / "results" / "_committed").glob("*.json"))
+    runs = committed_runs(str(workdir / "results"))
     assert [run.split("-")[0] for run in runs] == ["segment", "train"]
     # The summary names both runs, the metrics, the example queries and the report.
     for text in (*runs, "mean IoU", "f.w. IoU", "fcnpipe query", "report.html", "target 0.8"):

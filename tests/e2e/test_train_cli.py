@@ -13,8 +13,9 @@ import pytest
 
 from fcn.synthetic import CLASS_NAMES
 from pipeline.data.synthetic import write_synthetic
-from pipeline.tables import RunWriter
+from pipeline.store.runs import RunWriter
 from tests.cli import fcnpipe, fcnpipe_in_process
+from tests.rows import runs_row
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +58,9 @@ def test_missing_dataset_and_committed_run(shapes: str, tmp_path: Path) -> None:
     missing = fcnpipe("train", str(tmp_path / "nothing"), "--output", out, timeout=120)
     assert missing.returncode == 2 and "no dataset at" in missing.stderr
 
-    RunWriter(out, "done", "train").commit()
+    done = RunWriter(out, "done", "train")
+    done.write("runs", [runs_row("train", 0.5)])
+    done.commit()
     again = fcnpipe("train", shapes, "--output", out, "--run-id", "done", timeout=120)
     assert again.returncode == 2
     assert "already committed" in again.stderr and "--overwrite" in again.stderr

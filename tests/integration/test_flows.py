@@ -32,7 +32,7 @@ from pipeline.artifacts import load_card
 from pipeline.config import make
 from pipeline.data.layouts import load_manifest
 from pipeline.data.synthetic import write_synthetic
-from pipeline.tables import committed_runs, read_table
+from pipeline.store.read import committed_runs, read_table
 from pipeline.train.config import TrainConfig
 from tests.cli import FCNPIPE, fcnpipe
 

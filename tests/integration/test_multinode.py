@@ -46,7 +46,7 @@ from pipeline.artifacts import ModelCard, load_artifact, save_model
 from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults
 from pipeline.storage import exists, join, list_files, write_bytes
-from pipeline.tables import committed_runs, read_table
+from pipeline.store.read import committed_runs, read_table
 
 pytestmark = pytest.mark.integration
 
@@ -277,7 +277,7 @@ def test_train_and_segment_jobs_survive_a_lost_worker_node(
 
     # Segmentation sized by fcnpipe (pipeline.plan): an actor on each of the two nodes left;
     # once an actor has segmented two images, its node dies.
-    partition = join(out, "predictions/run_id=inbox")
+    partition = join(out, "predictions/data/run_id=inbox")
 
     def written() -> int:
         return len(list_files(partition)) if exists(partition) else 0

@@ -29,7 +29,8 @@ from pipeline.results.html import overlay_panel, write_html_report
 from pipeline.results.output import encode_result
 from pipeline.results.reader import ImageNotFoundError, NoRunsError, QueryError, Results, query
 from pipeline.storage import join, read_bytes, resolve
-from pipeline.tables import RunNotCommittedError, RunWriter
+from pipeline.store.runs import RunWriter
+from pipeline.tables import RunNotCommittedError
 from tests.results import (
     BROKEN_ID,
     SEGMENT_RUN,

@@ -40,11 +40,17 @@ def test_secret_appears_in_no_output_object_file_or_ray_log(
             # Failure paths print messages too: a missing bucket and a wrong secret.
             fcnpipe("dataset", "info", f"s3://{bucket}-missing/shapes"),
             fcnpipe("dataset", "info", root, env={"AWS_SECRET_ACCESS_KEY": wrong_secret}),
+            # The tables' connection properties: the catalog's credential stays in the env.
+            fcnpipe(
+                "tables", "info", f"s3://{bucket}/out", "--json",
+                env={"PYICEBERG_CATALOG__FCNPIPE__CREDENTIAL": secret},
+            ),
         ]  # fmt: skip
-        assert [r.returncode for r in runs] == [0, 0, 0, 0, 0, 2, 2], [r.stderr for r in runs]
+        assert [r.returncode for r in runs] == [0, 0, 0, 0, 0, 2, 2, 0], [r.stderr for r in runs]
         assert "s3 / local" in runs[4].stdout  # the Ray job really ran
         assert "access denied" in runs[6].stderr and bucket in runs[6].stderr
-        for failed in runs[5:]:  # one line naming the bucket, no traceback
+        assert '"s3.endpoint"' in runs[7].stdout
+        for failed in runs[5:7]:  # one line naming the bucket, no traceback
             lines = [line for line in failed.stderr.splitlines() if line.strip()]
             assert len(lines) == 1 and bucket in lines[0], failed.stderr
         for run in runs:

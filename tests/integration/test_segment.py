@@ -8,6 +8,7 @@ completes with the same id, without a duplicate row.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ from pipeline.faults import Faults
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import segment
 from pipeline.storage import join, list_files, read_bytes, write_bytes
-from pipeline.tables import RunExistsError, committed_runs, duckdb_connection, read_table
+from pipeline.store.read import committed_runs, duckdb_connection, read_table
+from pipeline.tables import RunExistsError
 from tests.cli import FCNPIPE, fcnpipe_in_process
 
 pytestmark = pytest.mark.integration
@@ -146,6 +148,10 @@ def test_segment_writes_exact_tables(storage_root: str, ray_local: None) -> None
         assert run[key] == pytest.approx(expected[key]), key
     iou = [None if np.isnan(v) else pytest.approx(v) for v in expected["iou"]]
     assert run["class_iou"] == iou
+    # How the run was sized (pipeline.plan) is in the Iceberg runs table: the write tasks
+    # take turns with the reads in their share.
+    assert run["plan"].startswith("segment: 1 actor(s) x 0.5 CPUs x 1 threads"), run["plan"]
+    assert "reads and writes 0.25 CPU" in run["plan"]
 
     # class_metrics summed per class gives class_iou, in DuckDB as in pyarrow.
     con = duckdb_connection(out)
@@ -192,10 +198,56 @@ def test_images_only_prefix_and_overwrite(tmp_path: Path, ray_local: None) -> No
     assert again.num_images == 3 and read_table(out, "predictions").num_rows == 3
 
 
-def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) -> None:
-    data, _ = _dataset(str(tmp_path), num_images=24)
-    model_uri = _model(str(tmp_path))
-    out = str(tmp_path / "out")
+# A client that knows nothing of fcnpipe: pyiceberg and Polars, given `fcnpipe tables info
+# --json`. Prints, per table, what each engine reads of one run.
+_EXTERNAL_CLIENT = """
+import json, sys, warnings
+import polars as pl
+from pyiceberg.catalog import load_catalog
+
+warnings.simplefilter("ignore")  # Polars suggests its faster Iceberg planner plugin
+info, run_id = json.loads(sys.argv[1]), sys.argv[2]
+catalog = load_catalog(info["name"], **info["properties"])
+seen = {}
+for table, key in (("predictions", "image_id"), ("errors", "image_id"),
+                   ("class_metrics", "image_id"), ("runs", "run_id")):
+    tbl = catalog.load_table(info["tables"][table])
+    rows = tbl.scan(row_filter=f"run_id == '{run_id}'", selected_fields=(key,)).to_arrow()
+    frame = pl.scan_iceberg(tbl).filter(pl.col("run_id") == run_id).select(key).collect()
+    seen[table] = {"pyiceberg": sorted(rows[key].to_pylist()),
+                   "polars": sorted(frame[key].to_list())}
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("fcn", "pipeline", "flows"))
+assert not ours, ours
+print(json.dumps(seen))
+"""
+
+
+def _external_read(info: str, run_id: str) -> dict[str, list[str]]:
+    """What pyiceberg and Polars, in a process without fcnpipe, read of a run (they agree)."""
+    client = subprocess.run(
+        [sys.executable, "-c", _EXTERNAL_CLIENT, info, run_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",  # not the checkout: nothing of fcnpipe on the path but the installed package
+    )
+    assert client.returncode == 0, client.stderr[-3000:]
+    seen = json.loads(client.stdout)
+    for table, engines in seen.items():
+        assert engines["pyiceberg"] == engines["polars"], table
+    return {table: engines["pyiceberg"] for table, engines in seen.items()}
+
+
+def test_killed_run_completes_with_the_same_id(
+    s3_env: SeaweedS3, bucket: str, ray_local: None
+) -> None:
+    """A driver killed mid-run on S3 leaves nothing of the run visible to any engine; the
+    rerun completes it without redoing the images in files, one row per image, and external
+    clients (pyiceberg, Polars) read exactly the rows fcnpipe reports."""
+    root = f"s3://{bucket}"
+    data, _ = _dataset(root, num_images=24)
+    model_uri = _model(root)
+    out = join(root, "out")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
     args = [
@@ -207,9 +259,15 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
         [*args, "--run-id", "crash", "--fail-after", "6"], capture_output=True, text=True, env=env
     )
     assert first.returncode == 1 and "fault injection" in first.stdout, first.stderr[-3000:]
-    written = len(list((Path(out) / "predictions" / "run_id=crash").glob("part-*.parquet")))
-    assert written == 3, "three files of two rows before the crash"
-    assert committed_runs(out) == []  # a crash leaves nothing visible
+    staged = list_files(join(out, "predictions", "data", "run_id=crash"))
+    assert len(staged) >= 3, "data files of two rows were written before the crash"
+    assert committed_runs(out) == []  # a crash leaves nothing visible: to us,
+    info = fcnpipe_in_process("tables", "info", out, "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["properties"]["warehouse"] == out
+    crashed = _external_read(info.stdout, "crash")
+    assert crashed == {"predictions": [], "errors": [], "class_metrics": [], "runs": []}  # nor
+    # to any other engine.
 
     rerun = subprocess.run([*args, "--run-id", "crash"], capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -230,8 +288,15 @@ def test_killed_run_completes_with_the_same_id(tmp_path: Path, ray_local: None) 
     runs = {r["run_id"]: r for r in read_table(out, "runs").to_pylist()}
     for key in ("num_images", "num_errors", "pixel_acc", "mean_iou", "class_iou"):
         assert runs["crash"][key] == runs["whole"][key], key
-    crash_cm = read_table(out, "class_metrics", ["crash"]).num_rows
-    assert crash_cm == read_table(out, "class_metrics", ["whole"]).num_rows
+    metrics = read_table(out, "class_metrics", ["crash"])["image_id"].to_pylist()
+    assert len(metrics) == read_table(out, "class_metrics", ["whole"]).num_rows
+    completed = _external_read(info.stdout, "crash")
+    assert completed == {
+        "predictions": sorted(ids),
+        "errors": ["shapes_000003"],
+        "class_metrics": sorted(metrics),
+        "runs": ["crash"],
+    }
 
 
 def test_bench_segment_reports_speed_stages_and_memory(ray_local: None, tmp_path: Path) -> None:
@@ -253,6 +318,17 @@ def test_bench_segment_reports_speed_stages_and_memory(ray_local: None, tmp_path
     assert [row["images"] for row in result["memory"]] == [3, 6]
     assert all(row["driver_mb"] > 0 and row["actors_mb"] > 0 for row in result["memory"])
     assert "b/a" in format_bench_segment(result)
+
+
+def test_bench_tables_reports_both_designs(ray_local: None, tmp_path: Path) -> None:
+    from pipeline.bench.tables import bench_tables, format_bench_tables
+
+    result = bench_tables(num_images=120, size=64, rows_per_file=40, root=str(tmp_path))
+    for way in ("before", "after"):
+        assert result[way]["ceiling"] > 0 and result[way]["files"] >= 3, way
+        assert result[way]["saturates_at"] == pytest.approx(result[way]["ceiling"] / 300)
+    assert result["cpu"] and "(b) workers write" in format_bench_tables(result)
+    assert sorted(committed_runs(str(tmp_path / "out"))) == ["after", "before"]
 
 
 def test_s3_restart_mid_run_is_retried(

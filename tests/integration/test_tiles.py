@@ -30,7 +30,7 @@ from pipeline.data.synthetic import write_scenes, write_synthetic
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import segment
 from pipeline.storage import join, list_files, read_bytes, resolve
-from pipeline.tables import committed_runs, read_table
+from pipeline.store.read import committed_runs, read_table
 from tests.cli import FCNPIPE
 from tests.models import trained_fcn
 

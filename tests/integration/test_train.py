@@ -37,7 +37,7 @@ from pipeline.data.reading import DatasetConfig, load_batch
 from pipeline.data.synthetic import write_synthetic
 from pipeline.faults import Faults, registered_epoch
 from pipeline.storage import StorageOptions, exists, join, write_bytes
-from pipeline.tables import committed_runs, read_table
+from pipeline.store.read import committed_runs, read_table
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import train
 from tests.cli import FCNPIPE

@@ -346,6 +346,21 @@ def test_object_store_credentials_come_from_a_secret() -> None:
     assert len(refs) == 1, refs
 
 
+def test_the_tables_catalog_reaches_the_drivers_and_the_flows_only() -> None:
+    # The drivers (on the head) commit, the flows read; Ray workers only write data files.
+    # Optional: without the Secret, each head uses its embedded catalog.
+    keys = ("FCNPIPE_CATALOG", "PYICEBERG_CATALOG__FCNPIPE__CREDENTIAL")
+    readers = [("prefect worker", _prefect_worker())]
+    for where, container in [*_ray_containers(), *readers]:
+        env = _env(container)
+        if " head/" not in where and where != "prefect worker":
+            assert not any(key in env for key in keys), where
+            continue
+        for key in keys:
+            ref = env[key]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"], ref["optional"]) == ("fcnpipe-catalog", key, True)
+
+
 def test_no_credential_is_written_inline() -> None:
     for path in KUBERNETES_FILES:
         for doc in _docs(path):

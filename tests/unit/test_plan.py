@@ -38,13 +38,15 @@ def segment(resources: Resources, **scaling: Any) -> Any:
 def test_a_two_core_machine_gives_one_actor_all_cores_but_a_read_share() -> None:
     plan = segment(LAPTOP)
     assert (plan.actors, plan.max_actors, plan.nodes) == (1, 1, 1)
-    # 1.75 CPUs reserved, 2 threads: the read task's quarter is time-shared with the model.
+    # 1.75 CPUs reserved, 2 threads: the read task's quarter is time-shared with the model,
+    # and with the tasks writing the tables' files, which fit there too.
     assert (plan.cpus_per_actor, plan.threads, plan.read_cpus) == (1.75, 2, 0.25)
+    assert plan.write_cpus == 0.25 and plan.cpus_per_actor + plan.write_cpus <= 2
     assert plan.batch_pixels == DEFAULT_BATCH_PIXELS and not plan.use_gpu
     assert plan.memory_per_actor == SMALL.actor_bytes(DEFAULT_BATCH_PIXELS)
     assert plan.describe() == (
-        "segment: 1 actor(s) x 1.75 CPUs x 2 threads, reads 0.25 CPU, batches <= 4 MP and 16 "
-        "images, 2.2 GB per actor, 1 node(s)"
+        "segment: 1 actor(s) x 1.75 CPUs x 2 threads, reads and writes 0.25 CPU, batches <= 4 MP "
+        "and 16 images, 2.2 GB per actor, 1 node(s)"
     )
 
 
@@ -115,7 +117,13 @@ def test_every_option_given_wins_over_the_plan() -> None:
     assert (two.actors, two.cpus_per_actor, two.threads) == (2, 0.87, 1)
     assert segment(cluster, actors=3).cpus_per_actor == 7  # two a node fit as they are
     reads = plan_segment(LAPTOP, SegmentScaling(), footprint=SMALL, decode_cpus=1.0)
-    assert (reads.read_cpus, reads.cpus_per_actor) == (1.0, 1.0)
+    assert (reads.read_cpus, reads.cpus_per_actor, reads.write_cpus) == (1.0, 1.0, 0.25)
+    # Writes never ask for more than the reads' share keeps: a one-CPU node, thin reads.
+    thin = plan_segment(
+        Resources(nodes=(Node(cpus=1, memory=16 * GB),)), SegmentScaling(), footprint=SMALL,
+        decode_cpus=0.1,
+    )  # fmt: skip
+    assert thin.write_cpus == 0.1 and thin.cpus_per_actor + thin.write_cpus <= 1
 
 
 def test_a_cluster_too_small_for_one_actor_says_what_is_missing() -> None:

@@ -1,5 +1,6 @@
-"""pipeline.tables without storage: schemas and their errors, run ids. The writers, readers
-and the commit protocol on local disk and a real S3 server: ``tests/integration/test_tables.py``.
+"""pipeline.tables and pipeline.store without storage: schemas and their errors, run ids,
+which catalog an output root uses. The writers, readers and the commit protocol on local disk
+and a real S3 server: ``tests/integration/test_tables.py``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.errors import ConfigError
+from pipeline.storage import StorageOptions, resolve
+from pipeline.store.catalog import arrow_schema, catalog_info
+from pipeline.store.files import TableTarget, TableWriter
+from pipeline.store.runs import RunWriter
 from pipeline.tables import (
     TABLES,
-    RunWriter,
     SchemaError,
-    TableWriter,
     conform,
     new_run_id,
     validate_run_id,
@@ -50,7 +54,13 @@ def test_schema_errors_name_the_table_and_column() -> None:
         conform("training", [{"epoch": 1}])
     with pytest.raises(ValueError, match="unknown result table 'prediction'"):
         conform("prediction", rows)
-    writer = TableWriter("/nonexistent-root", "segment-x", "predictions")
+    target = TableTarget(
+        table="predictions",
+        run_id="segment-x",
+        data_uri="/nonexistent-root",
+        schema=arrow_schema("predictions"),
+    )
+    writer = TableWriter(target)
     with pytest.raises(SchemaError, match=r"'run_id'.*segment-y"):
         writer.write([{**rows[0], "run_id": "segment-y"}])
 
@@ -96,3 +106,45 @@ def test_new_run_ids_are_valid_and_distinct() -> None:
         assert validate_run_id(run_id).startswith("segment-")
     with pytest.raises(ValueError, match="kind"):
         new_run_id("predict")  # type: ignore[arg-type]
+
+
+def test_catalog_of_an_output_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.delenv("FCNPIPE_CATALOG", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    # Embedded: inside a local root; beside an s3:// one, on this machine.
+    local = catalog_info(resolve(str(tmp_path / "out")))
+    assert local.embedded == str(tmp_path / "out" / "_catalog" / "catalog.db")
+    assert local.properties == {
+        "type": "sql",
+        "uri": f"sqlite:///{tmp_path}/out/_catalog/catalog.db",
+        "warehouse": f"file://{tmp_path}/out",
+    }
+    assert local.identifiers["predictions"] == "fcnpipe.predictions"
+    s3 = catalog_info(resolve("s3://bucket/a/out", StorageOptions(s3_endpoint="http://h:9000")))
+    assert s3.embedded == f"{tmp_path}/data/fcnpipe/catalogs/s3/h_9000/bucket/a/out/catalog.db"
+    assert s3.properties["warehouse"] == "s3://bucket/a/out"
+    assert s3.properties["s3.endpoint"] == "http://h:9000"
+    assert s3.properties["s3.force-virtual-addressing"] == "false"
+    # Named by URI (option or environment): kind by scheme, properties from the query.
+    rest = catalog_info(
+        resolve(
+            "s3://bucket/out",
+            StorageOptions(catalog="https://cat.example/api/catalog?warehouse=wh&namespace=prod"),
+        )
+    )
+    assert rest.properties["type"] == "rest" and rest.embedded is None
+    assert rest.properties["uri"] == "https://cat.example/api/catalog"
+    assert rest.properties["warehouse"] == "wh" and rest.namespace == "prod"
+    assert rest.identifier("runs") == "prod.runs"
+    monkeypatch.setenv("FCNPIPE_CATALOG", "thrift://metastore:9083")
+    hive = catalog_info(resolve(str(tmp_path / "out")))
+    assert hive.properties == {"type": "hive", "uri": "thrift://metastore:9083"}
+    named = catalog_info(resolve(str(tmp_path), StorageOptions(catalog="prod")))
+    assert (named.name, named.properties) == ("prod", {})
+    # Never a credential in the URI; the value is not echoed.
+    for secret in ("https://user:hunter2@cat.example", "https://cat.example?token=hunter2"):
+        with pytest.raises(ConfigError) as caught:
+            StorageOptions(catalog=secret)
+        assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError, match="unknown catalog kind 'ftp'"):
+        catalog_info(resolve(str(tmp_path), StorageOptions(catalog="ftp://x")))
