@@ -117,7 +117,7 @@ def synthetic_output(num_images: int, size: int, *, seed: int = 0) -> pa.Table:
         for name in ("label_map", "class_pixel_counts", *COUNTS):
             values[name] = None if failed else sample[name]
         for name in SEGMENT_OUTPUT.names:
-            rows[name].append(values[name])
+            rows[name].append(values.get(name))  # strip, strips, label_map_uri: null
     return pa.table(rows, schema=SEGMENT_OUTPUT)
 
 
