@@ -158,6 +158,7 @@ def load_batch(
     config: DatasetConfig,
     num_classes: int | None = None,
     require_masks: bool = False,
+    progress: Any = None,
 ) -> pa.Table:
     """Read and decode manifest rows: one output row per input row, good or error.
 
@@ -172,6 +173,8 @@ def load_batch(
         num_classes: Mask values must be below this or 255; None skips the check.
         require_masks: An image without a mask is an error row (training); else its mask is
             null.
+        progress: A progress board's actor handle (``pipeline.progress.Board``): the batch's
+            rows and errors are counted on it, without waiting.
 
     Returns:
         A table of :data:`DECODED_SCHEMA`, rows in input order.
@@ -222,6 +225,9 @@ def load_batch(
             strict=True,
         ):
             out[name].append(value)
+    if progress is not None:
+        failed = sum(stage is not None for stage in out["error_stage"])
+        progress.count.remote(len(rows), failed)
     return pa.table(out, schema=DECODED_SCHEMA)
 
 
@@ -234,6 +240,7 @@ def read_decoded(
     require_masks: bool = False,
     rows_per_block: int | None = None,
     block_bytes: int | None = None,
+    progress: Any = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows (:data:`DECODED_SCHEMA`): good rows and error rows.
 
@@ -252,6 +259,8 @@ def read_decoded(
         block_bytes: Cut decoded blocks at about this many bytes (Ray Data's
             ``target_max_block_size`` for this dataset; an image larger is a block of its
             own); None: Ray Data's default (128 MiB).
+        progress: A progress board's actor handle to count decoded rows on (see
+            :func:`load_batch`).
     """
     import ray.data
 
@@ -287,7 +296,11 @@ def read_decoded(
         context.target_max_block_size = default_block_bytes
     return source.map_batches(
         functools.partial(
-            load_batch, config=cfg, num_classes=num_classes, require_masks=require_masks
+            load_batch,
+            config=cfg,
+            num_classes=num_classes,
+            require_masks=require_masks,
+            progress=progress,
         ),
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
@@ -330,6 +343,7 @@ def read_dataset(
     num_classes: int | None = None,
     require_masks: bool = False,
     cache: bool = False,
+    progress: Any = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Good rows and error rows of a dataset, as two lazy Ray Datasets.
 
@@ -350,6 +364,7 @@ def read_dataset(
         num_classes: See :func:`read_decoded`.
         require_masks: See :func:`read_decoded`.
         cache: Materialize the decoded rows once (blocks until decoded).
+        progress: A progress board's actor handle to count decoded rows on.
 
     Returns:
         (good, errors): rows of :data:`DECODED_SCHEMA` without the error columns, and rows
@@ -361,6 +376,7 @@ def read_dataset(
         config=config,
         num_classes=num_classes,
         require_masks=require_masks,
+        progress=progress,
     )
     if cache:
         decoded = decoded.materialize()
