@@ -309,8 +309,7 @@ class RichBars:
                 self._progress = Progress(
                     TextColumn("{task.description:<10}"),
                     BarColumn(bar_width=24),
-                    TextColumn("{task.fields[percent]:>3}%"),
-                    TextColumn("{task.fields[text]}"),
+                    TextColumn("{task.fields[percent]:>3}% {task.fields[text]}"),
                     console=self.console,
                     refresh_per_second=4,
                 )
@@ -324,12 +323,17 @@ class RichBars:
                 task,
                 completed=1.0 if update.finished else update.fraction,
                 percent=update.percent,
-                text=update.text,
+                text=self._fit(update.text),
             )
             if update.finished:
                 self._open.discard(update.key)
                 if not self._open:
                     self.close()
+
+    def _fit(self, text: str) -> str:
+        """``text`` cut to the terminal's width: rich would squeeze the bar out instead."""
+        room = max(8, self.console.width - 44)  # stage, bar, percent and the gaps
+        return text if len(text) <= room else text[: room - 1] + "…"
 
     def close(self) -> None:
         """Stop the live display, leaving the bars drawn as they are."""
