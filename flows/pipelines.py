@@ -19,9 +19,9 @@ instead of starting another.
 # annotations of the flows, and a deployment loads this file under another module name,
 # where string annotations would not resolve.
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from logging import getLevelName
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -29,9 +29,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from fcn.metrics import PAPER_METRICS
+from flows.progress import ArtifactProgress, artifact_key
 from flows.ray_jobs import JobStopped
-from pipeline.errors import ConfigError, InputError
+from pipeline.console import (
+    ELSEWHERE_ONLY,
+    LOG_LEVEL_ENV,
+    NOT_ON_CONSOLE,
+    current,
+    progress_sink,
+)
+from pipeline.errors import ConfigError, InputError, user_error
 from pipeline.plan import AUTO, Auto
+from pipeline.progress import Fanout, PlainLines, ProgressSink, parse_line
 from pipeline.results.output import format_score
 from pipeline.results.reader import Results, RunSummary
 from pipeline.segment.config import SegmentConfig, SegmentData, SegmentScaling
@@ -88,11 +97,38 @@ def flow_run_id(kind: RunKind) -> str:
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry infrastructure failures, not bad configuration."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, _NOT_RETRIED)
+    # An InputError raised inside a Ray worker arrives wrapped by Ray.
+    found = user_error(error) if isinstance(error, BaseException) else None
+    return not isinstance(found or error, _NOT_RETRIED)
 
 
-def _logger() -> Callable[[str], None]:
-    return get_run_logger().info
+def _echo() -> Callable[[str], None]:
+    """A job's lines: into the run's log (the Prefect UI), and on the console of ``fcnpipe``.
+
+    With an output session (``fcnpipe flow ...``, the demo) the session prints the line and
+    the run logger's record stays off the console; without one (a flow called from Python,
+    a deployment's run), Prefect's own console handler prints the record.
+    """
+    log = get_run_logger()
+    out = current()
+    if out is None:
+        return log.info
+
+    def echo(line: str) -> None:
+        log.info(line, extra=NOT_ON_CONSOLE)
+        out.say(line)
+
+    return echo
+
+
+def _progress(run_id: str, *, to_log: bool) -> ProgressSink:
+    """Where a run's progress goes: the console's display, the Prefect progress artifacts
+    and (``to_log``) a plain line every 10 s in the run's Prefect log."""
+    sinks: list[ProgressSink] = [progress_sink(), ArtifactProgress(run_id)]
+    if to_log:
+        log = get_run_logger()
+        sinks.append(PlainLines(lambda line: log.info(line, extra=ELSEWHERE_ONLY), step=0.0))
+    return Fanout(*sinks)
 
 
 def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str) -> None:
@@ -106,12 +142,29 @@ def _submit(kind: RunKind, config: TrainConfig | SegmentConfig, ray_address: str
     base = f"fcnpipe-{config.run_id}"
     if config.overwrite:
         base += f"-{str(flow_run.get_id() or '').replace('-', '')[:8]}"
+    # The job's log carries its progress as plain lines (pipeline.jobs): they become this
+    # flow's bars and progress artifacts; its other lines are the job's own, for the user.
+    echo, progress = _echo(), _progress(str(config.run_id), to_log=False)
+    log = get_run_logger()
+    out = current()
+
+    def follow(line: str) -> None:
+        update = parse_line(line, key=base)
+        if update is None:
+            echo(line)
+            return
+        progress.update(update)
+        log.info(line, extra=NOT_ON_CONSOLE if out is not None else {})
+
+    level = getLevelName(out.level) if out is not None else None
     run_job(
         client,
         base,
         entrypoint(kind, config),
+        # The job is as quiet (or verbose) as this command.
+        runtime_env={"env_vars": {LOG_LEVEL_ENV: level}} if level else None,
         metadata={"fcnpipe_run_id": str(config.run_id), "fcnpipe_kind": kind},
-        log=_logger(),
+        log=follow,
     )
 
 
@@ -125,7 +178,7 @@ def _already_committed(config: TrainConfig | SegmentConfig) -> bool:
         or not is_committed(config.output_uri, config.run_id, config.data.read.storage)
     ):
         return False
-    _logger()(f"run {config.run_id} is already committed under {config.output_uri}; not rerun")
+    _echo()(f"run {config.run_id} is already committed under {config.output_uri}; not rerun")
     return True
 
 
@@ -144,11 +197,13 @@ def _run_job(
     elif isinstance(config, TrainConfig):
         from pipeline.train.driver import train
 
-        train(config, echo=_logger(), num_cpus=num_cpus)
+        progress = _progress(config.run_id, to_log=True)
+        train(config, echo=_echo(), num_cpus=num_cpus, progress=progress)
     else:
         from pipeline.segment.driver import segment
 
-        segment(config, echo=_logger(), num_cpus=num_cpus)
+        progress = _progress(config.run_id, to_log=True)
+        segment(config, echo=_echo(), num_cpus=num_cpus, progress=progress)
     return read_summary(config.output_uri, config.run_id, config.data.read.storage)
 
 
@@ -178,11 +233,6 @@ def segment_task(
 ) -> RunSummary:
     """Run the segmentation job (here, or as a Ray Job) and read back its summary."""
     return _run_job("segment", config, ray_address, num_cpus)
-
-
-def _artifact_key(run_id: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes.
-    return "fcnpipe-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower())
 
 
 def summary_markdown(summary: RunSummary, links: dict[str, str]) -> str:
@@ -224,7 +274,7 @@ def publish_task(
     summary: RunSummary, output_uri: str, extra_links: dict[str, str] | None = None
 ) -> None:
     """Prefect artifacts for a run: the paper's metrics with links, and IoU per class."""
-    key = _artifact_key(summary.run_id)
+    key = artifact_key(summary.run_id)
     links = {**_links(summary, output_uri), **(extra_links or {})}
     create_markdown_artifact(
         summary_markdown(summary, links),

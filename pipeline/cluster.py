@@ -40,7 +40,9 @@ _TRAIN_DEFAULTS = {
 def ensure_ray(*, num_cpus: int | None = None, address: str | None = None) -> None:
     """Connect to Ray once per process: ``address``, ``RAY_ADDRESS``, or a new local Ray.
 
-    Does nothing when Ray is already initialised (tests, notebooks, a caller that set it up).
+    Joins nothing when Ray is already initialised (tests, notebooks, a caller that set it up).
+    Either way it turns Ray Data's progress bars off (the jobs show their own) and hands the
+    workers' output to an open output session (:mod:`pipeline.console`).
 
     Args:
         num_cpus: CPUs of a new local Ray (default: all cores); ignored when joining a
@@ -50,8 +52,28 @@ def ensure_ray(*, num_cpus: int | None = None, address: str | None = None) -> No
     """
     for key, value in _TRAIN_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(num_cpus, address)
+    _quiet_ray_data()
+    from pipeline.console import attach_ray
+
+    attach_ray()  # an open output session takes over the workers' output
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's own progress off: the jobs show theirs (:mod:`pipeline.progress`).
+
+    Ray Data draws bars on a terminal (with tqdm, not installed here, or rich) and logs a
+    block of operator states every few seconds elsewhere; neither tells a user how far the
+    job is. Set in the driver before any dataset is made: each dataset keeps a copy of the
+    context, and takes it to Ray Train's split coordinators.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _init(num_cpus: int | None, address: str | None) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": WORKER_ENV}
     if target:

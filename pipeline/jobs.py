@@ -8,14 +8,18 @@ The JSON is the same typed configuration (``TrainConfig``, ``SegmentConfig``) th
 flows build (:mod:`pipeline.config`), validated again here, so a job fails at its first line
 on a field the cluster's fcnpipe does not know. Inside a Ray Job ``RAY_ADDRESS`` is set and
 the run joins the cluster (``pipeline.cluster.ensure_ray``). Results go to the tables under
-the output root, which is where the flow reads them: the job's output is only its log.
+the output root, which is where the flow reads them: the job's output is only its log,
+quiet as the CLI's (``pipeline.console``; ``FCNPIPE_LOG_LEVEL`` in the job's environment
+sets it), with everything else in a log file on the node the job's driver runs on.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any
 
+from pipeline.console import level_from, log_path, session
 from pipeline.tables import RUN_KINDS, RunKind
 
 __all__ = ["config_class", "entrypoint", "main"]
@@ -57,18 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kind: RunKind = "train" if args[0] == "train" else "segment"
     config = from_json(config_class(kind), args[1])
-    if kind == "train":
-        from pipeline.train.driver import train
+    path = log_path(f"{kind}-{config.run_id or 'run'}", config.output_uri)
+    # The job's log is what `ray job logs` shows and the flow follows: the job's lines and a
+    # progress line every 10 s (the flow turns those into its bars and Prefect artifact).
+    with session(path, level=level_from(False), plain_step=0.0) as out:
+        out.echo(f"log: {path} on {socket.gethostname()}")
+        if kind == "train":
+            from pipeline.train.driver import train
 
-        result = train(config, echo=lambda line: print(line, flush=True))
-        print(f"model: {result.model_uri}", flush=True)
-    else:
-        from pipeline.segment.driver import segment
+            result = train(config, echo=out.echo)
+            out.echo(f"model: {result.model_uri}")
+        else:
+            from pipeline.segment.driver import segment
 
-        segmented = segment(config, echo=lambda line: print(line, flush=True))
-        print(
-            f"segmented {segmented.num_images} images ({segmented.num_errors} errors)", flush=True
-        )
+            segmented = segment(config, echo=out.echo)
+            out.echo(f"segmented {segmented.num_images} images ({segmented.num_errors} errors)")
     return 0
 
 

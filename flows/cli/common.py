@@ -1,35 +1,52 @@
-"""What every ``fcnpipe`` command shares: the Typer apps, common options, and how errors print.
+"""What every ``fcnpipe`` command shares: the Typer apps, common options, what a person sees
+while a job runs, and how errors print.
+
+Output: a command that runs jobs opens an output session (:func:`job_output`,
+:mod:`pipeline.console`): the job's lines and its progress on the console, Ray's and
+Prefect's messages in a log file whose path it prints first; ``--verbose`` (or
+``FCNPIPE_LOG_LEVEL=INFO``) shows those too.
 
 Errors: bad input (:class:`pipeline.errors.InputError`) prints one line naming the object and
 the reason, exit code 2; an unavailable service (:class:`pipeline.errors.ServiceError`: the
-S3 server down after retries, a Ray job that failed on the cluster) one line, exit code 1;
-anything else is a bug and keeps its traceback (exit code 1). ``FCNPIPE_DEBUG=1`` shows the
-traceback of the one-line errors too.
+S3 server down after retries, a Ray job that failed on the cluster) one line, exit code 1,
+also when raised inside a Ray worker (:func:`pipeline.errors.user_error` finds it behind
+Ray's wrapping); anything else is a bug and keeps its traceback (exit code 1).
+``FCNPIPE_DEBUG=1`` shows the traceback of the one-line errors too.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
 import os
 import sys
-from typing import Annotated, Literal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import InputError, ServiceError
+from pipeline.errors import InputError, user_error
 from pipeline.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from pipeline.console import Output
 
 __all__ = [
     "CatalogOption",
     "LayoutOption",
     "NumCpus",
     "S3Endpoint",
+    "Verbose",
     "app",
     "bench_app",
     "dataset_app",
     "experiment_app",
     "flow_app",
+    "job_output",
     "run",
     "schedule_app",
     "storage_options",
@@ -84,6 +101,44 @@ LayoutOption = Annotated[
 NumCpus = Annotated[
     int | None, typer.Option(help="CPUs of the embedded Ray (default: all; not on a cluster).")
 ]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Also show Ray's and Prefect's messages and the Ray workers' output (the log file "
+        "always has them); FCNPIPE_LOG_LEVEL=INFO does the same.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def job_output(verbose: bool, name: str, root: str | Path | None = None) -> Iterator[Output]:
+    """An output session for a command that runs jobs; prints where its log file is.
+
+    The log file is ``ROOT/_logs/NAME-<time>.log`` for a local ``root`` (the output root, the
+    demo's directory), else under ``FCNPIPE_LOG_DIR`` or the temporary directory. A command
+    that runs Prefect flows imports them first: Prefect sets its logging up on import, and
+    the session takes over from it.
+
+    Args:
+        verbose: ``--verbose``.
+        name: The command, e.g. ``train``.
+        root: Where the log goes (see above).
+    """
+    from pipeline.console import level_from, log_path, session
+
+    level = level_from(verbose)
+    path = log_path(name, root)
+    try:
+        with session(path, level=level) as out:
+            out.echo(f"log: {path}")
+            yield out
+    finally:
+        if level > logging.INFO and "prefect" in sys.modules:
+            # Prefect stops its temporary server at exit, after the session, and says so at
+            # INFO; this hook runs before that one (atexit runs the latest first).
+            atexit.register(logging.getLogger("prefect").setLevel, logging.WARNING)
 
 
 def storage_options(s3_endpoint: str | None, catalog: str | None = None) -> StorageOptions:
@@ -102,12 +157,13 @@ def run(typer_app: typer.Typer) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         typer_app()
-    except (InputError, ServiceError) as exc:
-        if os.environ.get("FCNPIPE_DEBUG"):
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None or os.environ.get("FCNPIPE_DEBUG"):
             raise
         # Escaped: paths and keys may hold [brackets] that Rich would read as markup.
-        message = " ".join(str(exc).split())
+        message = " ".join(str(error).split())
         Console(stderr=True).print(
             f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
         )
-        sys.exit(2 if isinstance(exc, InputError) else 1)
+        sys.exit(2 if isinstance(error, InputError) else 1)

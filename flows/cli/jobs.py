@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from flows.cli.common import NumCpus, S3Endpoint, app, storage_options
+from flows.cli.common import NumCpus, S3Endpoint, Verbose, app, job_output, storage_options
 from flows.cli.options import config_command
 from pipeline.errors import ConfigError
 from pipeline.faults import Faults
@@ -57,6 +57,7 @@ def train(
     config: TrainConfig,
     *,
     num_cpus: NumCpus = None,
+    verbose: Verbose = False,
     fail_at: FailAt = None,
     fault_dir: FaultDir = None,
 ) -> None:
@@ -73,7 +74,8 @@ def train(
     if fail_at is not None:
         train_at, stall = Faults.parse_train_at(fail_at)
         faults = _faults(config, fault_dir, train_at=train_at, train_stall=stall)
-    result = run_train(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
+    with job_output(verbose, "train", config.output_uri) as out:
+        result = run_train(config, echo=out.echo, num_cpus=num_cpus, faults=faults)
     if result.scores:
         console = Console()
         label = f"{config.model.name} (epoch {result.epoch + 1})"
@@ -98,14 +100,13 @@ def segment(
     config: SegmentConfig,
     *,
     num_cpus: NumCpus = None,
+    verbose: Verbose = False,
     fail_after: FailAfter = None,
     fail_after_strips: FailAfterStrips = None,
     stall_actors_after: StallActorsAfter = None,
     fault_dir: FaultDir = None,
 ) -> None:
     """Segment every image under INPUT_URI into label maps and metrics tables under OUTPUT."""
-    import ray.data
-
     from pipeline.results.output import print_class_iou, print_paper_table
     from pipeline.segment.driver import segment as run_segment
 
@@ -118,11 +119,8 @@ def segment(
             strips_exit_after=fail_after_strips,
             actor_stall_after=stall_actors_after,
         )
-    # Ray Data's rich progress bars (its tqdm ones need tqdm, which is not installed).
-    context = ray.data.DataContext.get_current()
-    context.enable_rich_progress_bars = True
-    context.use_ray_tqdm = False
-    result = run_segment(config, echo=typer.echo, num_cpus=num_cpus, faults=faults)
+    with job_output(verbose, "segment", config.output_uri) as out:
+        result = run_segment(config, echo=out.echo, num_cpus=num_cpus, faults=faults)
     if result.scores is not None:
         console = Console()
         print_paper_table(

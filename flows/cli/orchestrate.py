@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flows.cli.common import NumCpus, app, flow_app, schedule_app
+from flows.cli.common import NumCpus, Verbose, app, flow_app, job_output, schedule_app
 from flows.cli.jobs import OUTPUT
 from flows.cli.options import config_command
 from pipeline.errors import ConfigError
-from pipeline.plan import AUTO
+from pipeline.plan import AUTO, Auto
 from pipeline.segment.config import SegmentConfig
 from pipeline.train.config import TrainConfig
 
@@ -58,13 +58,18 @@ def _print_summary(summary: RunSummary, title: str) -> None:
 
 @config_command(flow_app, "train", TrainConfig, arguments=["dataset_uri"], names=OUTPUT)
 def flow_train(
-    config: TrainConfig, *, ray_address: RayAddress = None, num_cpus: NumCpus = None
+    config: TrainConfig,
+    *,
+    ray_address: RayAddress = None,
+    num_cpus: NumCpus = None,
+    verbose: Verbose = False,
 ) -> None:
     """Run the training flow: train, commit the model and tables, publish Prefect artifacts."""
     _check_ray_address(ray_address)
     from flows.pipelines import train_flow
 
-    summary = train_flow(config, ray_address=ray_address, num_cpus=num_cpus)
+    with job_output(verbose, "flow-train", config.output_uri):
+        summary = train_flow(config, ray_address=ray_address, num_cpus=num_cpus)
     _print_summary(summary, "val split of the exported model")
 
 
@@ -76,13 +81,18 @@ def flow_train(
     names={**OUTPUT, "model_uri": ("--model", "-m")},
 )
 def flow_segment(
-    config: SegmentConfig, *, ray_address: RayAddress = None, num_cpus: NumCpus = None
+    config: SegmentConfig,
+    *,
+    ray_address: RayAddress = None,
+    num_cpus: NumCpus = None,
+    verbose: Verbose = False,
 ) -> None:
     """Run the segmentation flow over a dataset or bucket prefix."""
     _check_ray_address(ray_address)
     from flows.pipelines import segment_flow
 
-    summary = segment_flow(config, ray_address=ray_address, num_cpus=num_cpus)
+    with job_output(verbose, "flow-segment", config.output_uri):
+        summary = segment_flow(config, ray_address=ray_address, num_cpus=num_cpus)
     _print_summary(summary, "images with masks")
 
 
@@ -99,18 +109,21 @@ def flow_train_and_segment(
     ] = None,
     ray_address: RayAddress = None,
     num_cpus: NumCpus = None,
+    verbose: Verbose = False,
 ) -> None:
     """Train, segment the val split with the new model, and summarise."""
     _check_ray_address(ray_address)
     from flows.pipelines import train_and_segment_flow
 
-    result = train_and_segment_flow(
-        config,
-        actors=AUTO if actors == AUTO else _positive("--actors", actors),
-        html_report=str(html_report) if html_report else None,
-        ray_address=ray_address,
-        num_cpus=num_cpus,
-    )
+    actors_value: int | Auto = AUTO if actors == AUTO else _positive("--actors", actors)
+    with job_output(verbose, "flow-train-and-segment", config.output_uri):
+        result = train_and_segment_flow(
+            config,
+            actors=actors_value,
+            html_report=str(html_report) if html_report else None,
+            ray_address=ray_address,
+            num_cpus=num_cpus,
+        )
     _print_summary(result.segment, f"val split segmented by {result.train.run_id}")
     if result.html_report:
         typer.echo(f"report: {result.html_report}")
@@ -151,20 +164,21 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     num_cpus: NumCpus = None,
     seed: Annotated[int, typer.Option(help="Seed for data, weights and order.")] = 0,
+    verbose: Verbose = False,
 ) -> None:
-    """Synthetic data -> train_and_segment_flow (2 DDP workers on embedded Ray) -> report."""
+    """Synthetic data -> train_and_segment_flow (DDP on embedded Ray) -> report."""
     from flows.demo import DemoConfig, run_demo
 
-    run_demo(
-        DemoConfig(
-            workdir=workdir,
-            num_images=num_images,
-            size=size,
-            epochs=epochs,
-            num_cpus=num_cpus,
-            seed=seed,
-        )
+    config = DemoConfig(
+        workdir=workdir,
+        num_images=num_images,
+        size=size,
+        epochs=epochs,
+        num_cpus=num_cpus,
+        seed=seed,
     )
+    with job_output(verbose, "demo", workdir):
+        run_demo(config)
 
 
 def _positive(option: str, value: str) -> int:

@@ -163,6 +163,7 @@ def load_batch(
     config: DatasetConfig,
     num_classes: int | None = None,
     require_masks: bool = False,
+    progress: Any = None,
 ) -> pa.Table:
     """Read and decode manifest rows: one output row per input row, good or error.
 
@@ -177,6 +178,8 @@ def load_batch(
         num_classes: Mask values must be below this or 255; None skips the check.
         require_masks: An image without a mask is an error row (training); else its mask is
             null.
+        progress: A progress board's actor handle (``pipeline.progress.Board``): the batch's
+            rows and errors are counted on it, without waiting.
 
     Returns:
         A table of :data:`DECODED_SCHEMA`, rows in input order.
@@ -227,6 +230,9 @@ def load_batch(
             strict=True,
         ):
             out[name].append(value)
+    if progress is not None:
+        failed = sum(stage is not None for stage in out["error_stage"])
+        progress.count.remote(len(rows), failed)
     return pa.table(out, schema=DECODED_SCHEMA)
 
 
@@ -239,6 +245,7 @@ def read_decoded(
     require_masks: bool = False,
     rows_per_block: int | None = None,
     block_bytes: int | None = None,
+    progress: Any = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows (:data:`DECODED_SCHEMA`): good rows and error rows.
 
@@ -257,6 +264,8 @@ def read_decoded(
         block_bytes: Cut decoded blocks at about this many bytes (Ray Data's
             ``target_max_block_size`` for this dataset; an image larger is a block of its
             own); None: Ray Data's default (128 MiB).
+        progress: A progress board's actor handle to count decoded rows on (see
+            :func:`load_batch`).
     """
 
     # Pin the endpoint and region the driver sees: on a cluster, workers' environments may
@@ -278,7 +287,11 @@ def read_decoded(
     source = manifest_blocks(table, rows_per_block or cfg.rows_per_block, block_bytes)
     return source.map_batches(
         functools.partial(
-            load_batch, config=cfg, num_classes=num_classes, require_masks=require_masks
+            load_batch,
+            config=cfg,
+            num_classes=num_classes,
+            require_masks=require_masks,
+            progress=progress,
         ),
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
@@ -350,6 +363,7 @@ def read_dataset(
     num_classes: int | None = None,
     require_masks: bool = False,
     cache: bool = False,
+    progress: Any = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Good rows and error rows of a dataset, as two lazy Ray Datasets.
 
@@ -370,6 +384,7 @@ def read_dataset(
         num_classes: See :func:`read_decoded`.
         require_masks: See :func:`read_decoded`.
         cache: Materialize the decoded rows once (blocks until decoded).
+        progress: A progress board's actor handle to count decoded rows on.
 
     Returns:
         (good, errors): rows of :data:`DECODED_SCHEMA` without the error columns, and rows
@@ -381,6 +396,7 @@ def read_dataset(
         config=config,
         num_classes=num_classes,
         require_masks=require_masks,
+        progress=progress,
     )
     if cache:
         decoded = decoded.materialize()

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.console import tell
 from pipeline.data.batches import Sample, samples_from_batch
 from pipeline.faults import Faults
 from pipeline.segment.config import SegmentCompute
@@ -124,7 +125,7 @@ class Segmenter:
             resize=plan.resize,
             storage=plan.storage,
         )
-        print(f"segmentation engine: {self.engine.describe()}", flush=True)
+        tell(f"segmentation engine: {self.engine.describe()}")
         self.mirror = (
             None if plan.write_png is None else storage.resolve(plan.write_png, plan.storage)
         )

@@ -39,9 +39,11 @@ import pyarrow.compute as pc
 from fcn.metrics import nan_to_none, scores_from_counts
 from pipeline import storage
 from pipeline.artifacts import ModelCard, load_card
+from pipeline.console import progress_sink
 from pipeline.data.layouts import DatasetError, load_manifest, manifest_meta
 from pipeline.faults import Faults
 from pipeline.plan import SegmentPlan, detect_resources, model_footprint, plan_segment
+from pipeline.progress import ProgressSink, Tracker
 from pipeline.segment.actor import COUNTS, SEGMENT_OUTPUT, ActorPlan, Segmenter
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.engines import Backend
@@ -89,6 +91,7 @@ def segment(
     echo: Callable[[str], None] = print,
     num_cpus: int | None = None,
     faults: Faults | None = None,
+    progress: ProgressSink | None = None,
 ) -> SegmentResult:
     """Segment every image of the input into the run's committed tables.
 
@@ -97,6 +100,8 @@ def segment(
         echo: Where the summary line goes.
         num_cpus: CPUs of the embedded Ray, if this call starts one.
         faults: Testing only: where actors stall or the driver exits (``pipeline.faults``).
+        progress: Where the ``segmenting`` progress goes (default: the console's,
+            ``pipeline.console.progress_sink``).
 
     Raises:
         pipeline.artifacts.ArtifactError: The model artifact is missing or broken.
@@ -122,7 +127,17 @@ def segment(
         ensure_ray(num_cpus=num_cpus)
         plan = _plan(config, job, todo.num_rows)
         echo(plan.describe())
-        stream = _stream(config, job, todo, plan, faults)
+        tracker = Tracker(
+            "segmenting",
+            todo.num_rows,
+            progress or progress_sink(),
+            unit="images",
+            rate_unit="img/s",
+            key=f"{job.run_id}/segment",
+        )
+        tracker.set(0, errors=0)
+        stream = _stream(config, job, todo, plan, faults, tracker)
+        tracker.finish()
     processed = stream.processed
     seconds = time.perf_counter() - clock
     totals, num_images, num_errors = _run_totals(job.writer, job.card.num_classes)
@@ -283,7 +298,12 @@ def _plan(config: SegmentConfig, job: _Job, num_images: int) -> SegmentPlan:
 
 
 def _stream(
-    config: SegmentConfig, job: _Job, todo: pa.Table, sizing: SegmentPlan, faults: Faults | None
+    config: SegmentConfig,
+    job: _Job,
+    todo: pa.Table,
+    sizing: SegmentPlan,
+    faults: Faults | None,
+    tracker: Tracker,
 ) -> _Stream:
     """Read, decode and segment ``todo`` on Ray Data, writing rows as they arrive."""
     import ray.data
@@ -399,6 +419,7 @@ def _stream(
             first_batch_at, first_rows = time.perf_counter(), rows
         out.processed += rows
         last_batch_at = time.perf_counter()
+        tracker.advance(rows, errors=int(pc.sum(counts["errors"]).as_py() or 0))
         in_files += pc.sum(counts["predictions"]).as_py() or 0
         if exit_after is not None and in_files >= exit_after:
             print(f"fault injection: exiting after {in_files} predictions", flush=True)

@@ -42,14 +42,17 @@ from fcn.models import build_model
 from fcn.transforms import describe_normalization
 from pipeline import storage
 from pipeline.artifacts import ModelCard, load_card, model_uri, save_model
+from pipeline.console import progress_sink
 from pipeline.data.layouts import load_manifest, manifest_hash, manifest_meta
 from pipeline.faults import Faults
 from pipeline.plan import TrainPlan
+from pipeline.progress import Board, ProgressSink
 from pipeline.storage import StorageOptions
 from pipeline.store.read import check_not_committed
 from pipeline.store.runs import RunWriter
 from pipeline.tables import new_run_id, runs_row
 from pipeline.train.config import TrainConfig, TrainConfigError
+from pipeline.train.progress import TrainView
 from pipeline.train.worker import (
     CHECKPOINT_DIR,
     Plan,
@@ -91,6 +94,7 @@ def train(
     echo: Callable[[str], None] = print,
     num_cpus: int | None = None,
     faults: Faults | None = None,
+    progress: ProgressSink | None = None,
 ) -> TrainResult:
     """Run a training job to its committed model artifact and tables.
 
@@ -99,9 +103,11 @@ def train(
 
     Args:
         config: The job.
-        echo: Where progress lines go.
+        echo: Where the job's lines go (its plan, warnings).
         num_cpus: CPUs of the embedded Ray, if this call starts one (see ``ensure_ray``).
         faults: Testing only: where a rank fails or stalls (``pipeline.faults``).
+        progress: Where the ``decoding`` and ``training`` progress goes (default: the
+            console's, ``pipeline.console.progress_sink``).
 
     Raises:
         TrainConfigError: The configuration does not fit the dataset (before workers start).
@@ -115,14 +121,29 @@ def train(
     job = _preflight(config, config.run_id or new_run_id("train"))
     ensure_ray(num_cpus=num_cpus)
     sizing = _fit_to_cluster(config, echo)
-    data = _decode(config, job, sizing, echo)
-    plan = _plan(config, job, data, sizing, faults)
-    # Every check has passed: only now may --overwrite delete the committed run.
-    if config.overwrite:
-        storage.delete(plan.checkpoint_root, job.options)
-    writer = RunWriter(job.out, job.run_id, "train", overwrite=config.overwrite)
-    result = _fit(plan, data, job)
+    images = job.train_rows.num_rows + (0 if job.val_rows is None else job.val_rows.num_rows)
+    view = TrainView(
+        progress or progress_sink(), images=images, epochs=config.optim.epochs, run_id=job.run_id
+    )
+    board = Board.start()
+    try:
+        with board.follow(view.show):
+            data = _decode(config, job, sizing, echo, board)
+            view.decoded(train=data.num_train, val=data.num_val, errors=len(data.error_rows))
+            plan = _plan(config, job, data, sizing, faults, board)
+            # Every check has passed: only now may --overwrite delete the committed run.
+            if config.overwrite:
+                storage.delete(plan.checkpoint_root, job.options)
+            writer = RunWriter(job.out, job.run_id, "train", overwrite=config.overwrite)
+            view.start_training(
+                steps=plan.batches_per_epoch,
+                images_per_step=config.optim.batch_size * sizing.num_workers,
+            )
+            result = _fit(plan, data, job)
+    finally:
+        board.close()
     exported = _export(config, plan, job, result)
+    view.trained(exported.history)
     finished = datetime.now(UTC)
     writer.write("training", exported.history)
     if data.error_rows:
@@ -221,7 +242,7 @@ def _preflight(config: TrainConfig, run_id: str) -> _Job:
 
 
 def _decode(
-    config: TrainConfig, job: _Job, sizing: TrainPlan, echo: Callable[[str], None]
+    config: TrainConfig, job: _Job, sizing: TrainPlan, echo: Callable[[str], None], board: Board
 ) -> _Decoded:
     """Decode the train and val splits once into Ray's object store (bad objects apart)."""
     from pipeline.data.reading import read_dataset
@@ -233,6 +254,7 @@ def _decode(
             num_classes=job.num_classes,
             require_masks=True,
             cache=True,
+            progress=board.handle,
         )
 
     train_good, train_errors = read(job.train_rows)
@@ -243,10 +265,8 @@ def _decode(
         error_rows += val_errors.take_all()
         num_val = val_good.count()
     num_train = train_good.count()
-    echo(
-        f"run {job.run_id}: {num_train} train and {num_val} val images decoded, "
-        f"{len(error_rows)} unreadable (see the errors table)"
-    )
+    if error_rows:
+        echo(f"run {job.run_id}: {len(error_rows)} image(s) unreadable, see the errors table")
     workers = sizing.num_workers
     if num_train < workers:
         raise TrainConfigError(
@@ -265,7 +285,12 @@ def _decode(
 
 
 def _plan(
-    config: TrainConfig, job: _Job, data: _Decoded, sizing: TrainPlan, faults: Faults | None
+    config: TrainConfig,
+    job: _Job,
+    data: _Decoded,
+    sizing: TrainPlan,
+    faults: Faults | None,
+    board: Board,
 ) -> Plan:
     """What every rank needs: class count and weights, steps, where checkpoints go."""
     batches = math.ceil(data.num_train // sizing.num_workers / config.optim.batch_size)
@@ -286,6 +311,7 @@ def _plan(
         storage=job.options,
         sizing=sizing,
         faults=faults,
+        board=board.handle,
     )
 
 

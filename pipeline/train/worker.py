@@ -30,11 +30,13 @@ from fcn.transforms import eval_transform, train_transform
 from pipeline import storage
 from pipeline.artifacts import load_artifact
 from pipeline.compute import ComputePlan, resolve, training_probe
+from pipeline.console import tell
 from pipeline.data.batches import iter_samples, iter_train_batches
 from pipeline.faults import Faults
 from pipeline.plan import TrainPlan
 from pipeline.storage import StorageOptions
 from pipeline.train.config import TrainConfig
+from pipeline.train.progress import Beacon, TrainStatus
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -82,6 +84,8 @@ class Plan:
     sizing: TrainPlan
     """Ranks, threads, placement (``pipeline.plan``)."""
     faults: Faults | None = None
+    board: Any = None
+    """The run's progress board (``pipeline.progress.Board.handle``): rank 0 posts to it."""
 
 
 def train_loop_per_worker(plan: Plan) -> None:
@@ -90,6 +94,7 @@ def train_loop_per_worker(plan: Plan) -> None:
 
     config = plan.config
     rank = _Rank.start(plan)
+    beacon = Beacon(plan.board if rank.rank == 0 else None)
     checkpoint = ray.train.get_checkpoint()
     start_epoch, history = 0, list[dict[str, Any]]()
     if checkpoint is not None:
@@ -100,8 +105,12 @@ def train_loop_per_worker(plan: Plan) -> None:
     else:
         # Different augmentation per rank, reproducible per seed.
         _seed_all(config.optim.seed * 1000 + rank.rank)
+    if history:
+        beacon.val_mean_iou = history[-1]["val_mean_iou"]
     for epoch in range(start_epoch, config.optim.epochs):
-        epoch_stats = train_one_epoch(rank, epoch)
+        epoch_stats = train_one_epoch(rank, epoch, beacon)
+        steps, loss = rank.plan.batches_per_epoch, epoch_stats["train_loss"]
+        beacon.post(_status(rank, epoch, steps, loss, beacon, validating=True))
         scores = validate(rank)
         row = {
             "epoch": epoch,
@@ -113,6 +122,8 @@ def train_loop_per_worker(plan: Plan) -> None:
         row["precision"] = rank.compute.precision
         history.append(row)
         checkpoint_and_report(rank, epoch, history, scores)
+        beacon.val_mean_iou = row["val_mean_iou"]
+        beacon.post(_status(rank, epoch, steps, loss, beacon))
         if rank.rank == 0:
             val = (
                 f", val pixel acc {row['val_pixel_acc']:.3f}, mean IoU {row['val_mean_iou']:.3f}"
@@ -221,7 +232,7 @@ def _compute_plan(plan: Plan, model: torch.nn.Module, device: torch.device) -> C
         probe = training_probe(model, (crop, crop), batch, plan.num_classes)
         key = f"train {config.model.name} {batch}x{crop}x{crop}"
         resolved = resolve(config.compute, device, probe=probe, key=key)
-        print(f"run {plan.run_id}: compute {resolved.describe()}", flush=True)
+        tell(f"run {plan.run_id}: compute {resolved.describe()}")
         chosen[0] = resolved
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
@@ -229,8 +240,11 @@ def _compute_plan(plan: Plan, model: torch.nn.Module, device: torch.device) -> C
     return chosen[0]
 
 
-def train_one_epoch(rank: _Rank, epoch: int) -> dict[str, float]:
-    """One pass over this rank's shard; the epoch's loss, last lr and images/s (all ranks)."""
+def train_one_epoch(rank: _Rank, epoch: int, beacon: Beacon | None = None) -> dict[str, float]:
+    """One pass over this rank's shard; the epoch's loss, last lr and images/s (all ranks).
+
+    Rank 0 posts its step and running loss to ``beacon`` about once a second.
+    """
     plan, config = rank.plan, rank.plan.config
     rank.ddp_model.train()
     began = time.perf_counter()
@@ -283,6 +297,9 @@ def train_one_epoch(rank: _Rank, epoch: int) -> dict[str, float]:
             rank.optimizer.zero_grad(set_to_none=True)
         batches += 1
         images_seen += len(batch.image_ids)
+        if beacon is not None and beacon.due():
+            # Reading the loss waits for the device: only when a post goes (once a second).
+            beacon.post(_status(rank, epoch, batches, float(loss_sum) / batches, beacon))
     elapsed = time.perf_counter() - began
     # One all-reduce per epoch (not per step: reading a loss syncs the device).
     totals = torch.tensor(
@@ -294,6 +311,19 @@ def train_one_epoch(rank: _Rank, epoch: int) -> dict[str, float]:
         "lr": float(lr),
         "images_per_s": float(totals[2]) / elapsed if elapsed > 0 else 0.0,
     }
+
+
+def _status(
+    rank: _Rank, epoch: int, step: int, loss: float, beacon: Beacon, *, validating: bool = False
+) -> TrainStatus:
+    return TrainStatus(
+        epoch=epoch,
+        step=step,
+        steps=rank.plan.batches_per_epoch,
+        loss=loss,
+        val_mean_iou=beacon.val_mean_iou,
+        validating=validating,
+    )
 
 
 def validate(rank: _Rank) -> dict[str, Any]:
@@ -388,7 +418,7 @@ def restore(
     start_epoch = int(state["epoch"]) + 1
     if rank == 0:
         storage.write_bytes(storage.join(plan.checkpoint_root, _RESUMED_MARKER), b"", plan.storage)
-        print(f"run {plan.run_id}: resumed after epoch {start_epoch}", flush=True)
+        tell(f"run {plan.run_id}: resumed after epoch {start_epoch}")
     return start_epoch, list(state["history"])
 
 

@@ -80,6 +80,17 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for text in (*runs, "mean IoU", "f.w. IoU", "fcnpipe query", "report.html", "target 0.8"):
         assert text in result.stdout, text
     assert (workdir / "report.html").stat().st_size > 1000
+    # Output to a file (as here): the job's lines, sparse progress and the summary, nothing
+    # of Ray's or Prefect's own, within the budget of 60 lines.
+    printed = (result.stdout + result.stderr).splitlines()
+    assert len(printed) <= 60, "\n".join(printed)
+    assert not [line for line in printed if "pid=" in line or " INFO " in line], printed
+    assert any(line.startswith("training: 100% ") for line in printed), printed
+    # Ray's and Prefect's lines are in the log file whose path came first.
+    (log,) = (workdir / "_logs").glob("demo-*.log")
+    assert printed[0] == f"log: {log}", printed[:3]
+    logged = log.read_text()
+    assert "(RayTrainWorker pid=" in logged and "prefect" in logged, logged[-3000:]
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path: Path) -> None:

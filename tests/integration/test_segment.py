@@ -427,3 +427,28 @@ def test_the_readme_onnx_client_gets_the_label_maps_of_segment(
         ours = decode_label_png(row["label_map"])
         same, total = same + int((theirs == ours).sum()), total + ours.size
     assert total > 0 and same / total >= 0.999, same / total
+
+
+def test_an_error_inside_an_actor_reaches_the_user_as_one_line(
+    tmp_path: Path, ray_local: None
+) -> None:
+    # Only the actors read the weights: a corrupted file fails each actor's __init__, which
+    # Ray Data reports wrapped in its own errors and the worker's traceback.
+    data, _ = _dataset(str(tmp_path), num_images=2)
+    model_uri = _model(str(tmp_path))
+    weights = Path(model_uri) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    out = str(tmp_path / "out")
+    result = fcnpipe_in_process(
+        "segment", data, "--model", model_uri, "--output", out, "--backend", "torch",
+        env={"FCNPIPE_LOG_DIR": str(tmp_path / "logs")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: the weights") and "SHA-256" in errors[0], errors
+    assert "Traceback" not in result.stdout + result.stderr
+    # The worker's traceback is in the log file the command named.
+    (log,) = (tmp_path / "logs").glob("segment-*.log")
+    assert f"log: {log}" in result.stdout
+    assert "ArtifactError" in log.read_text()

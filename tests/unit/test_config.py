@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -74,6 +75,11 @@ def _parsed(cls: type, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(pipeline.train.driver, "train", catch)
     monkeypatch.setattr(pipeline.segment.driver, "segment", catch)
     monkeypatch.setattr("ray.data.DataContext.get_current", lambda: SimpleNamespace())
+    # No output session: it would write a log file under the (relative) output root.
+    monkeypatch.setattr(
+        "flows.cli.jobs.job_output",
+        lambda *args: contextlib.nullcontext(SimpleNamespace(echo=print)),
+    )
     command = _command((argv[0],))
     with pytest.raises(SystemExit):
         command.main(args=argv[1:], prog_name="fcnpipe", standalone_mode=False)
