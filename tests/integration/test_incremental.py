@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from infra.local.prefect_server import PrefectServer
 from infra.local.seaweedfs import SeaweedS3
 from pipeline.config import make
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import SegmentResult, segment
 from pipeline.storage import delete, join, list_files, read_bytes, write_bytes
-from pipeline.store.read import duckdb_connection, read_table
+from pipeline.store.read import committed_runs, duckdb_connection, read_table
 from tests.cli import FCNPIPE
 from tests.integration.test_segment import _model
 
@@ -144,3 +149,64 @@ def test_stream_segments_only_new_and_changed_objects(
     assert (result.num_images, result.unchanged) == (9, 0)
     latest = _latest(out)
     assert len(latest) == 9 and {row["run_id"] for row in latest.values()} == {"r6"}
+
+
+def test_scheduled_stream_has_a_one_slot_limit_and_a_triggered_run_completes(
+    tmp_path: Path, prefect_api: PrefectServer
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.pipelines import stream_limit_name
+
+    camera, out = str(tmp_path / "camera"), str(tmp_path / "out")
+    for i in range(2):
+        _put(camera, f"img_{i}", seed=i)
+    model = _model(str(tmp_path))
+    command = [
+        FCNPIPE, "schedule", "segment", camera, "--model", model, "--output", out,
+        "--stream", "cam", "--cron", "*/15 * * * *", "--name", "stream-test", "--num-cpus", "2",
+        "--backend", "torch", "--actors", "1",
+    ]  # fmt: skip
+    env = {**os.environ, **prefect_api.env(), "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
+    serving = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deployment = None
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while deployment is None and time.monotonic() < deadline:
+                assert serving.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    deployment = client.read_deployment_by_name("fcnpipe-segment/stream-test")
+                except Exception:  # not registered yet
+                    time.sleep(1)
+            assert deployment is not None, log_path.read_text()[-3000:]
+            (schedule,) = deployment.schedules
+            assert schedule.schedule.cron == "*/15 * * * *"  # type: ignore[union-attr]
+            assert deployment.parameters["config"]["stream"] == "cam"
+            config = make(SegmentConfig, input_uri=camera, model_uri=model, output_uri=out)
+            limit = client.read_global_concurrency_limit_by_name(
+                stream_limit_name(replace(config, stream="cam"))
+            )
+            assert limit.limit == 1  # one active run per stream
+
+        flow_run = run_deployment("fcnpipe-segment/stream-test", timeout=480)
+
+        assert flow_run.state is not None and flow_run.state.is_completed(), log_path.read_text()[
+            -5000:
+        ]
+        (run_id,) = committed_runs(out)
+        (row,) = read_table(out, "runs", [run_id]).to_pylist()
+        assert (row["stream"], row["num_images"]) == ("cam", 2)
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)
+        try:
+            serving.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()
+        log.close()
