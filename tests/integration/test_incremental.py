@@ -210,3 +210,14 @@ def test_scheduled_stream_has_a_one_slot_limit_and_a_triggered_run_completes(
             os.killpg(serving.pid, signal.SIGKILL)
             serving.wait()
         log.close()
+
+
+def test_bench_incremental_segments_only_the_added(ray_local: None, tmp_path: Path) -> None:
+    from pipeline.bench.incremental import bench_incremental, format_bench_incremental
+
+    result = bench_incremental(
+        num_objects=3, added=1, size=32, root=str(tmp_path), echo=lambda _: None
+    )
+    assert (result["full_images"], result["incremental_images"]) == (3, 1)
+    assert result["unchanged"] == 3 and result["listing_s_per_1000"] > 0
+    assert "incremental / full" in format_bench_incremental(result)
