@@ -27,7 +27,7 @@ from pipeline.bench.tables import cpu_model
 from pipeline.config import make
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.driver import SegmentResult, segment
-from pipeline.storage import join, list_files, write_bytes
+from pipeline.storage import join, list_files, resolve, write_bytes
 
 __all__ = ["bench_incremental", "format_bench_incremental"]
 
@@ -122,11 +122,13 @@ def _put_images(prefix: str, indices: range, size: int) -> None:
     """Random PNGs ``prefix/img_<i>.png``, written by a few threads."""
     from PIL import Image
 
+    loc = resolve(prefix)  # one filesystem, its connections reused by every put
+
     def put(i: int) -> None:
         pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
-        write_bytes(join(prefix, f"img_{i:07d}.png"), buf.getvalue())
+        write_bytes(loc.join(f"img_{i:07d}.png"), buf.getvalue())
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(put, indices))
