@@ -6,9 +6,10 @@ Usage:
 Writes ``num_objects`` images to a bucket (by default on a SeaweedFS server the command starts
 on 127.0.0.1), segments them as stream ``bench`` (the full run), adds ``added`` images and
 runs the stream again (the incremental run: it lists the whole bucket, reads what the
-stream's runs recorded, and decodes and segments only the new ones). Ray is started before
-the first run, so neither run pays its start-up. Also times the listing alone (the one part
-of an incremental run proportional to the bucket), per 1,000 keys.
+stream's runs recorded, and decodes and segments only the new ones), then once more with
+nothing new (what is left is the part proportional to the bucket, without any actor). Ray is
+started before the first run, so no run pays its start-up. Also times the listing alone,
+per 1,000 keys.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def bench_incremental(
     full = run("full")
     _put_images(camera, range(num_objects, num_objects + added), size)
     incremental = run("incremental")
+    unchanged = run("unchanged")  # nothing new: the part proportional to the bucket alone
     listings = []
     for _ in range(3):
         began = time.perf_counter()
@@ -94,6 +96,7 @@ def bench_incremental(
         "incremental_images": incremental.num_images,
         "unchanged": incremental.unchanged,
         "ratio": incremental.seconds / full.seconds,
+        "unchanged_s": unchanged.seconds,
         "listing_s_per_1000": per_1000,
         "listing_10m_s": per_1000 * 10_000,
         "cpu": cpu_model(),
@@ -111,6 +114,7 @@ def format_bench_incremental(result: dict[str, Any]) -> str:
             f"full run         {r['full_s']:8.1f} s  ({r['full_images']} segmented)",
             f"incremental run  {r['incremental_s']:8.1f} s  ({r['incremental_images']} segmented, "
             f"{r['unchanged']} unchanged)",
+            f"nothing new      {r['unchanged_s']:8.1f} s  (list, diff, record the listing, commit)",
             f"incremental / full: {r['ratio']:.3f}",
             f"listing: {r['listing_s_per_1000'] * 1000:.1f} ms per 1,000 keys "
             f"(10 M keys: about {r['listing_10m_s'] / 60:.0f} min, sequential)",

@@ -220,4 +220,5 @@ def test_bench_incremental_segments_only_the_added(ray_local: None, tmp_path: Pa
     )
     assert (result["full_images"], result["incremental_images"]) == (3, 1)
     assert result["unchanged"] == 3 and result["listing_s_per_1000"] > 0
+    assert result["unchanged_s"] > 0
     assert "incremental / full" in format_bench_incremental(result)
