@@ -5,6 +5,7 @@ Usage:
     fcnpipe flow segment INPUT_URI --model MODEL_URI --output OUT_URI
     fcnpipe flow train-and-segment DATASET_URI --output OUT_URI
     fcnpipe schedule train DATASET_URI --output OUT_URI --cron "0 3 * * *"
+    fcnpipe schedule segment INPUT_URI --model M --output OUT_URI --stream NAME --cron "..."
 
 The flows are thin: each task calls one ``pipeline`` job, either in this process (an
 embedded Ray, the default) or, with ``ray_address``, as a Ray Job submitted through the Jobs
@@ -18,8 +19,10 @@ instead of starting another.
 # No `from __future__ import annotations`: Prefect builds its parameter model from the
 # annotations of the flows, and a deployment loads this file under another module name,
 # where string annotations would not resolve.
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from logging import getLevelName
 from typing import Any
@@ -50,8 +53,10 @@ from pipeline.train.config import TrainConfig
 
 __all__ = [
     "TrainAndSegmentResult",
+    "ensure_stream_limit",
     "read_summary",
     "segment_flow",
+    "stream_limit_name",
     "train_and_segment_flow",
     "train_flow",
 ]
@@ -337,9 +342,46 @@ def segment_flow(
         num_cpus: CPUs of the embedded Ray.
     """
     config = _with_run_id(config, "segment")
-    summary = segment_task(config, ray_address, num_cpus)
+    with _one_run_per_stream(config):
+        summary = segment_task(config, ray_address, num_cpus)
     publish_task(summary, config.output_uri)
     return summary
+
+
+def stream_limit_name(config: SegmentConfig) -> str:
+    """The Prefect global concurrency limit of a stream: its name and output root (hashed)."""
+    root = hashlib.sha256(config.output_uri.rstrip("/").encode()).hexdigest()[:10]
+    return f"fcnpipe-stream-{config.stream}-{root}"
+
+
+def ensure_stream_limit(config: SegmentConfig) -> str:
+    """Create the stream's global concurrency limit (one slot) where missing; its name."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name = stream_limit_name(config)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    return name
+
+
+@contextlib.contextmanager
+def _one_run_per_stream(config: SegmentConfig) -> Iterator[None]:
+    """Hold the stream's one slot while segmenting: a second run of the stream waits here
+    until the first is done (it then segments only what the first left new). Two runs of a
+    stream would otherwise both segment the same new objects."""
+    if config.stream is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    name = ensure_stream_limit(config)
+    get_run_logger().info("stream %s: waiting for its slot (%s)", config.stream, name)
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
 @dataclass(frozen=True)

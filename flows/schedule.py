@@ -1,8 +1,18 @@
-"""Scheduled training: the training flow served as a Prefect deployment with a cron schedule.
+"""Scheduled training and incremental segmentation: flows served as Prefect deployments with a
+cron schedule.
 
 Usage:
     fcnpipe schedule train s3://data/voc --output s3://results --cron "0 3 * * *" \\
         --timezone Europe/Paris --set epochs=30
+    fcnpipe schedule segment s3://cameras/front --model s3://results/models/RUN \\
+        --output s3://results --stream front --cron "*/15 * * * *"
+
+A scheduled segmentation is a stream (``--stream``): each run segments only what is new or
+rewritten since the stream's committed runs. At most one run of a stream is active at a time:
+:func:`flows.pipelines.segment_flow` holds the stream's Prefect global concurrency limit (one
+slot, :func:`flows.pipelines.stream_limit_name`) while it segments, so a run triggered while
+another is active *waits* for it (state Running, in the flow's log), then segments what is
+still new.
 
 ``flow.serve`` registers the deployment with the Prefect server (``PREFECT_API_URL``) and runs
 its scheduled (and manually triggered) flow runs in subprocesses of this one until stopped.
@@ -14,18 +24,23 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.segment.config import SegmentConfig
 from pipeline.train.config import TrainConfig
 
 __all__ = [
     "DEPLOYMENT_FLOW",
     "check_schedule",
     "check_server",
+    "serve_segment",
     "serve_train",
     "train_parameters",
 ]
 
 DEPLOYMENT_FLOW = "fcnpipe-train"
 """The flow name deployments of :func:`flows.pipelines.train_flow` are listed under."""
+
+SEGMENT_FLOW = "fcnpipe-segment"
+"""The flow name deployments of :func:`flows.pipelines.segment_flow` are listed under."""
 
 
 def check_schedule(cron: str, timezone: str = "UTC") -> Any:
@@ -85,12 +100,15 @@ def check_server() -> str:
 
 
 def train_parameters(
-    config: TrainConfig, *, ray_address: str | None = None, num_cpus: int | None = None
+    config: TrainConfig | SegmentConfig,
+    *,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
 ) -> dict[str, Any]:
-    """The deployment's parameters: the training flow's, as JSON values.
+    """The deployment's parameters: the training (or segmentation) flow's, as JSON values.
 
     Args:
-        config: The training job every scheduled run does.
+        config: The job every scheduled run does.
         ray_address: The cluster's dashboard, or None for embedded Ray.
         num_cpus: CPUs of the embedded Ray.
     """
@@ -128,4 +146,47 @@ def serve_train(
         parameters=train_parameters(config, ray_address=ray_address, num_cpus=num_cpus),
         description=f"Train {config.model.name} on {config.dataset_uri} into {config.output_uri}",
         tags=["fcnpipe", "train"],
+    )
+
+
+def serve_segment(
+    config: SegmentConfig,
+    schedule: Any,
+    *,
+    name: str = "scheduled",
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Create (or update) the incremental segmentation's deployment and serve it until
+    interrupted.
+
+    Args:
+        config: The segmentation of every run (a ``stream``, no ``run_id``).
+        schedule: From :func:`check_schedule`.
+        name: Deployment name: ``fcnpipe-segment/<name>``.
+        ray_address: The cluster's dashboard, or None for embedded Ray.
+        num_cpus: CPUs of the embedded Ray.
+
+    Raises:
+        ConfigError: No stream, or a run id.
+    """
+    from flows.pipelines import ensure_stream_limit, segment_flow
+
+    if config.stream is None:
+        raise ConfigError(
+            "--stream NAME: a scheduled segmentation is incremental (each run segments what is "
+            "new since the stream's last runs)"
+        )
+    if config.run_id is not None:
+        raise ConfigError("--run-id: a scheduled run derives its run id from its flow run")
+    ensure_stream_limit(config)  # visible in the UI before the first run
+    segment_flow.serve(
+        name=name,
+        schedule=schedule,
+        parameters=train_parameters(config, ray_address=ray_address, num_cpus=num_cpus),
+        description=(
+            f"Segment what is new under {config.input_uri} with {config.model_uri} into "
+            f"{config.output_uri} (stream {config.stream})"
+        ),
+        tags=["fcnpipe", "segment", f"stream:{config.stream}"],
     )

@@ -295,6 +295,17 @@ class FileInfo:
     """Size in bytes."""
     modified: float | None = None
     """Last modification, seconds since the epoch (None where the store does not say)."""
+    etag: str | None = None
+    """The object's ETag where the listing gives one (S3, GCS), quotes stripped; None
+    locally."""
+
+    @property
+    def version(self) -> str:
+        """What changes when the object is rewritten: its ETag, else its size and
+        modification time (from the listing itself: no request per object)."""
+        if self.etag:
+            return f"etag:{self.etag}"
+        return f"size:{self.size},mtime:{self.modified!r}"
 
 
 @dataclass(frozen=True)
@@ -591,6 +602,7 @@ def list_files(
                 relpath=relpath,
                 size=int(info["size"]),
                 modified=_modified(info),
+                etag=_etag(info),
             )
         )
     out.sort(key=lambda f: f.uri)
@@ -736,6 +748,12 @@ def _fsspec_filesystem(scheme: str, opts: StorageOptions, uri: str) -> Any:
     # multiply both under throttling. The instance is ours alone (skip_instance_cache).
     fs.retries = 1
     return fs
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    """The ETag of an fsspec listing entry (``ETag`` on S3, ``etag`` on GCS), unquoted."""
+    value = info.get("ETag", info.get("etag"))
+    return str(value).strip('"') or None if value else None
 
 
 def _modified(info: dict[str, Any]) -> float | None:

@@ -1,7 +1,8 @@
 """Result tables: the contract users query (schemas, columns, run ids) and row validation.
 
-Five tables (:data:`TABLES`), each partitioned by ``run_id``: ``predictions``,
-``class_metrics``, ``runs``, ``errors`` and ``training``. This module says what their rows are
+Six tables (:data:`TABLES`), each partitioned by ``run_id``: ``predictions``,
+``class_metrics``, ``runs``, ``errors``, ``training`` and ``inputs`` (the listing of each
+incremental stream run). This module says what their rows are
 (:func:`conform` validates and casts them; :func:`runs_row` builds a run's summary row) and
 what a run id is. Where the tables live and how a run's rows are written and committed (Apache
 Iceberg tables in a catalog, data files written by the workers, one atomic commit per run by
@@ -65,6 +66,9 @@ PREDICTIONS = pa.schema(
         # A tiled image's label map too large for the cell: its TIFF object (label_map then
         # holds a preview, at most 1024 px a side); null when label_map is the whole map.
         pa.field("label_map_uri", pa.string()),
+        # The image object's version when it was read (its ETag, else size and modification
+        # time: pipeline.storage.FileInfo.version); with image_uri, the key of incremental runs.
+        pa.field("image_version", pa.string()),
     ]
 )
 """One row per segmented image."""
@@ -105,6 +109,7 @@ RUNS = pa.schema(
         pa.field("channels_last", pa.bool_()),
         pa.field("engine", pa.string()),  # e.g. torch 2.14.1, openvino 2026.4.1
         pa.field("plan", pa.string()),  # how it was sized (pipeline.plan), one line
+        pa.field("stream", pa.string()),  # segment --stream NAME: the incremental stream
     ]
 )
 """One row per run."""
@@ -117,9 +122,21 @@ ERRORS = pa.schema(
         _required("stage", pa.string()),
         _required("error_type", pa.string()),
         _required("message", pa.string()),
+        pa.field("image_version", pa.string()),  # as in predictions
     ]
 )
 """One row per failed object."""
+
+INPUTS = pa.schema(
+    [
+        _RUN_ID,
+        _required("image_id", pa.string()),
+        _required("image_uri", pa.string()),
+        _required("image_version", pa.string()),
+    ]
+)
+"""One row per object a stream run (``segment --stream``) listed, segmented or not: which
+objects exist at the run's time, so the ``predictions_latest`` view drops deleted ones."""
 
 TRAINING = pa.schema(
     [
@@ -142,6 +159,7 @@ TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "errors": ERRORS,
     "training": TRAINING,
+    "inputs": INPUTS,
 }
 """The result tables by name: the contract users query."""
 
@@ -151,6 +169,7 @@ DEDUP_KEYS: dict[str, str | None] = {
     "runs": None,
     "errors": "image_uri",
     "training": "epoch",
+    "inputs": "image_uri",
 }
 """Per table, the column whose values are kept from the latest file only (None: the run)."""
 
@@ -236,6 +255,7 @@ def runs_row(
     channels_last: bool | None = None,
     engine: str | None = None,
     plan: str | None = None,
+    stream: str | None = None,
 ) -> dict[str, Any]:
     """A run's ``runs`` row (the metrics from ``fcn.metrics.scores``; None without masks).
 
@@ -254,6 +274,7 @@ def runs_row(
         channels_last: Whether it ran in channels_last memory format.
         engine: The runtime that ran it (training: torch).
         plan: How the run was sized (``pipeline.plan``: actors or ranks, threads, batches).
+        stream: The incremental stream the run belongs to (``segment --stream``), or None.
     """
     from fcn.metrics import PAPER_METRICS, nan_to_none
 
@@ -274,6 +295,7 @@ def runs_row(
         "channels_last": channels_last,
         "engine": engine,
         "plan": plan,
+        "stream": stream,
     }
 
 

@@ -1,4 +1,5 @@
-"""``fcnpipe bench read | train | segment | tiles | tables`` and ``fcnpipe experiment skips``.
+"""``fcnpipe bench read | train | segment | incremental | tiles | tables``, ``fcnpipe experiment
+skips``.
 
 The benchmarks that read from S3 start a SeaweedFS server of their own on 127.0.0.1 (random
 credentials, stopped after) unless given URIs: that development helper lives in
@@ -248,6 +249,36 @@ def bench_segment(
             echo=typer.echo,
         )
     typer.echo(format_bench_segment(result))
+
+
+@bench_app.command("incremental")
+def bench_incremental(
+    num_objects: Annotated[int, typer.Option(min=1, help="Images of the full run.")] = 2000,
+    added: Annotated[int, typer.Option(min=1, help="Images added before the second run.")] = 20,
+    size: Annotated[int, typer.Option(min=32, help="Their side.")] = 64,
+    model: Annotated[str, typer.Option(help="Model (random weights).")] = "fcn8s_resnet18",
+    local: Annotated[bool, typer.Option(help="A local directory instead of a local S3.")] = False,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Incremental segmentation (--stream): a full run of a bucket vs a run after a few new
+    objects; listing time per 1,000 keys."""
+    from pipeline.bench.incremental import bench_incremental as run_bench
+    from pipeline.bench.incremental import format_bench_incremental
+
+    with (
+        tempfile.TemporaryDirectory(prefix="fcnpipe-bench-inc-") as tmp,
+        _scratch_root(Path(tmp), use_s3=not local) as root,
+    ):
+        result = run_bench(
+            num_objects=num_objects,
+            added=added,
+            size=size,
+            model=model,
+            root=root,
+            num_cpus=num_cpus,
+            echo=typer.echo,
+        )
+    typer.echo(format_bench_incremental(result))
 
 
 @bench_app.command("tiles")

@@ -75,7 +75,8 @@ def dataset_index(
     split: Annotated[str | None, typer.Option(help="Only this split's ids.")] = None,
     s3_endpoint: S3Endpoint = None,
 ) -> None:
-    """Write a Parquet manifest (image_uri, mask_uri, split, bytes) so jobs need not list again."""
+    """Write a Parquet manifest (image_uri, mask_uri, split, bytes, image_version) so jobs
+    need not list again."""
     from pipeline.data.layouts import build_manifest, write_manifest
     from pipeline.storage import join
 

@@ -1,4 +1,5 @@
-"""``fcnpipe flow ...``, ``fcnpipe schedule train`` and ``fcnpipe demo``: the Prefect side.
+"""``fcnpipe flow ...``, ``fcnpipe schedule train | segment`` and ``fcnpipe demo``: the Prefect
+side.
 
 The flow commands take the same generated options as ``fcnpipe train`` / ``fcnpipe segment``
 (and ``--set FIELD=VALUE``), checked by the same dataclass validation the flows and the Ray
@@ -152,6 +153,40 @@ def schedule_train(
     check_server()
     _check_ray_address(ray_address)
     serve_train(config, schedule, name=name, ray_address=ray_address, num_cpus=num_cpus)
+
+
+@config_command(
+    schedule_app,
+    "segment",
+    SegmentConfig,
+    arguments=["input_uri"],
+    names={**OUTPUT, "model_uri": ("--model", "-m")},
+)
+def schedule_segment(
+    config: SegmentConfig,
+    *,
+    cron: Annotated[str, typer.Option(help='When to segment, e.g. "*/15 * * * *".')],
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    ray_address: RayAddress = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Serve the incremental segmentation of a bucket (--stream NAME) on a cron schedule.
+
+    Each run segments only the objects new or rewritten since the stream's committed runs.
+    At most one run of a stream is active: a run triggered while another is active waits for
+    it (a Prefect global concurrency limit of one slot per stream and output root).
+    """
+    from flows.schedule import check_schedule, check_server, serve_segment
+
+    schedule = check_schedule(cron, timezone)
+    if config.stream is None:
+        raise ConfigError("--stream NAME is required: a scheduled segmentation is incremental")
+    if config.run_id is not None:
+        raise ConfigError("--run-id: a scheduled run derives its run id from its flow run")
+    check_server()
+    _check_ray_address(ray_address)
+    serve_segment(config, schedule, name=name, ray_address=ray_address, num_cpus=num_cpus)
 
 
 @app.command()

@@ -61,6 +61,7 @@ __all__ = [
     "load_manifest",
     "manifest_hash",
     "manifest_meta",
+    "manifest_versions",
     "read_manifest",
     "write_manifest",
 ]
@@ -97,10 +98,18 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("mask_uri", pa.string()),
         pa.field("split", pa.string()),
         pa.field("bytes", pa.int64()),
+        pa.field("image_version", pa.string()),
     ]
 )
 """One row per sample. ``mask_uri`` is null without a mask, ``split`` null outside any split
-file, ``bytes`` (the image's size) null where a split file names an id without an image."""
+file, ``bytes`` (the image's size) null where a split file names an id without an image.
+``image_version`` is what changes when the image object is rewritten, from the listing itself
+(:attr:`pipeline.storage.FileInfo.version`: the ETag, else size and modification time); null
+without an image, or in a manifest written before the column existed."""
+
+_HASHED_COLUMNS = ("image_id", "image_uri", "mask_uri", "split", "bytes")
+"""What :func:`manifest_hash` covers: the samples, not their objects' versions (so a model
+card's hash stays comparable with manifests written before versions were listed)."""
 
 
 _META_KEY = b"fcnpipe.manifest"
@@ -317,11 +326,23 @@ def manifest_hash(table: pa.Table) -> str:
         table: A manifest.
     """
     digest = hashlib.sha256()
-    columns = [table[name].to_pylist() for name in MANIFEST_SCHEMA.names]
+    columns = [table[name].to_pylist() for name in _HASHED_COLUMNS]
     for row in sorted(zip(*columns, strict=True), key=lambda r: (r[0], r[1])):
         digest.update(json.dumps(row).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def manifest_versions(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's image version, never null: ``image_version``; else, in a manifest without
+    it, ``size:<bytes>``; else (no image) ``missing``.
+
+    Args:
+        table: A manifest.
+    """
+    sizes = pc.binary_join_element_wise("size:", table["bytes"].cast(pa.string()), "")
+    out = pc.coalesce(table["image_version"], sizes, pa.scalar("missing"))
+    return out if isinstance(out, pa.ChunkedArray) else pa.chunked_array([out])
 
 
 def dataset_info(
@@ -421,6 +442,7 @@ def _paired_rows(
             "mask_uri": mask.uri if mask else None,
             "split": split_name,
             "bytes": info.size if info else None,
+            "image_version": info.version if info else None,
         }
 
     if split is not None:
@@ -455,6 +477,7 @@ def _images_rows(root: Location) -> list[dict[str, Any]]:
             "mask_uri": None,
             "split": None,
             "bytes": f.size,
+            "image_version": f.version,
         }
         for f in files
     ]

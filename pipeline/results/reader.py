@@ -469,5 +469,5 @@ def _query_problem(exc: Exception) -> str:
             kept.append(line)
     message = "; ".join(kept) or type(exc).__name__
     if isinstance(exc, duckdb.CatalogException):
-        message += f" (views: {', '.join(TABLES)})"
+        message += f" (views: predictions_latest, {', '.join(TABLES)})"
     return f"query failed: {message}"

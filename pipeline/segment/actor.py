@@ -52,6 +52,8 @@ SEGMENT_OUTPUT = pa.schema(
         pa.field("strips", pa.int32()),
         # A label map too large for the cell: the TIFF object (label_map is then a preview).
         pa.field("label_map_uri", pa.string()),
+        # The input object's version as listed (pipeline.data.layouts.MANIFEST_SCHEMA).
+        pa.field("image_version", pa.string()),
     ]
 )
 """What a :class:`Segmenter` returns: one row per input row, a prediction or an error."""
@@ -144,12 +146,15 @@ class Segmenter:
             faults.stall(f"actor-{os.getpid()}", node_id=node)
         self.calls += 1
         n = self.plan.num_classes
-        rows = batch.select(["image_id", "image_uri", "error_stage", "error_type", "error_message"])
+        rows = batch.select(
+            ["image_id", "image_uri", "image_version", "error_stage", "error_type", "error_message"]
+        )
         out: dict[str, list[Any]] = {name: [None] * batch.num_rows for name in SEGMENT_OUTPUT.names}
         index = {image_id: i for i, image_id in enumerate(rows["image_id"].to_pylist())}
         for i, row in enumerate(rows.to_pylist()):
             out["image_id"][i] = row["image_id"]
             out["image_uri"][i] = row["image_uri"]
+            out["image_version"][i] = row["image_version"]
             out["stage"][i] = row["error_stage"]
             out["error_type"][i] = row["error_type"]
             out["message"][i] = row["error_message"]

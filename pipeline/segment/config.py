@@ -9,6 +9,7 @@ how the CLI, the flows and Ray Jobs share it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,6 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.plan import AUTO, Auto
 from pipeline.segment.engines import BACKENDS, Backend
 from pipeline.tables import validate_run_id
+
+_STREAM_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 
 __all__ = ["SegmentCompute", "SegmentConfig", "SegmentData", "SegmentOutput", "SegmentScaling"]
 
@@ -151,6 +154,12 @@ class SegmentConfig:
     a crashed run."""
     overwrite: bool = False
     """Replace a committed run with the same id."""
+    stream: str | None = None
+    """Incremental: segment only the objects that no committed run of this stream under the
+    output root has segmented (or failed on) in their current version with this model (key:
+    image URI + ETag, else size + modification time); record the listing so the
+    predictions_latest view drops deleted objects. A new model for the stream re-segments
+    everything. None: segment every image."""
     data: SegmentData = field(default_factory=SegmentData)
     """Which images, at what size, read how."""
     scaling: SegmentScaling = field(default_factory=SegmentScaling)
@@ -163,3 +172,8 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         if self.run_id is not None:
             validate_run_id(self.run_id)
+        if self.stream is not None and not _STREAM_RE.fullmatch(self.stream):
+            raise ConfigError(
+                f"invalid stream name {self.stream!r}: use a letter, then up to 127 letters, "
+                "digits, '-', '_' or '.'"
+            )

@@ -40,7 +40,7 @@ from fcn.metrics import nan_to_none, scores_from_counts
 from pipeline import storage
 from pipeline.artifacts import ModelCard, load_card
 from pipeline.console import progress_sink
-from pipeline.data.layouts import DatasetError, load_manifest, manifest_meta
+from pipeline.data.layouts import DatasetError, load_manifest, manifest_meta, manifest_versions
 from pipeline.faults import Faults
 from pipeline.plan import SegmentPlan, detect_resources, model_footprint, plan_segment
 from pipeline.progress import ProgressSink, Tracker
@@ -50,7 +50,7 @@ from pipeline.segment.engines import Backend
 from pipeline.segment.tiles import Tiling, cut_rows, label_map_dir
 from pipeline.segment.write import WritePlan, strip_rows, write_batch
 from pipeline.storage import StorageOptions
-from pipeline.store.read import check_not_committed
+from pipeline.store.read import TableReader, check_not_committed
 from pipeline.store.runs import RunWriter
 from pipeline.tables import new_run_id, runs_row
 
@@ -83,6 +83,9 @@ class SegmentResult:
     """What the model ran in (``pipeline.compute``); None when nothing was left to do."""
     engine: str | None = None
     """The engine that ran it (``pipeline.segment.engines``), e.g. ``torch 2.14.1``."""
+    unchanged: int = 0
+    """Images left out because the stream's committed runs have them in this version with
+    this model (``--stream``)."""
 
 
 def segment(
@@ -116,9 +119,13 @@ def segment(
         pc.invert(pc.is_in(job.manifest["image_id"], pa.array(sorted(done), pa.string())))
     )
     skipped = job.manifest.num_rows - todo.num_rows
+    unchanged = 0
+    if config.stream is not None:
+        todo, unchanged = _unseen(config, job, todo)
     echo(
         f"run {job.run_id}: {todo.num_rows} image(s) to segment"
         + (f", {skipped} already written by an earlier attempt" if done else "")
+        + (f", {unchanged} unchanged since stream {config.stream}'s runs" if unchanged else "")
     )
     stream, plan = _Stream(), None
     if todo.num_rows:
@@ -147,6 +154,8 @@ def segment(
         scores = nan_to_none(scores_from_counts(*counts))
     images_per_s = processed / seconds if seconds > 0 else 0.0
     finished = datetime.now(UTC)
+    if config.stream is not None:  # what exists now: the latest view drops the rest
+        job.writer.write("inputs", job.manifest.select(["image_id", "image_uri", "image_version"]))
     job.writer.write(
         "runs",
         [
@@ -165,6 +174,7 @@ def segment(
                 channels_last=stream.channels_last,
                 engine=stream.engine,
                 plan=None if plan is None else plan.describe(),
+                stream=config.stream,
             )
         ],
     )
@@ -189,6 +199,7 @@ def segment(
         class_names=list(job.card.class_names),
         images_per_s=images_per_s,
         skipped=skipped,
+        unchanged=unchanged,
         seconds=time.perf_counter() - clock,
         steady_images_per_s=stream.steady,
         precision=stream.precision,
@@ -227,6 +238,12 @@ def _preflight(config: SegmentConfig, run_id: str, echo: Callable[[str], None]) 
             " by it)"
         )
     meta = manifest_meta(manifest)
+    # Never null from here on: the key of incremental runs, recorded with every row.
+    manifest = manifest.set_column(
+        manifest.schema.get_field_index("image_version"),
+        "image_version",
+        manifest_versions(manifest),
+    )
     if meta.class_names is not None and len(meta.class_names) != card.num_classes:
         raise DatasetError(
             f"{config.input_uri} has {len(meta.class_names)} classes, the model "
@@ -242,6 +259,35 @@ def _preflight(config: SegmentConfig, run_id: str, echo: Callable[[str], None]) 
         writer=writer,
         backend=backend,
     )
+
+
+def _unseen(config: SegmentConfig, job: _Job, todo: pa.Table) -> tuple[pa.Table, int]:
+    """The rows of ``todo`` that no committed run of the stream with this model has seen in
+    their current version (a prediction or an error row with the same image URI and version),
+    and how many were left out. A different model for the stream has seen nothing."""
+    reader = TableReader(storage.resolve(config.output_uri, job.options))
+    runs = reader.read("runs", columns=["run_id", "kind", "model_uri", "stream"])
+    mine = pc.and_(
+        pc.and_(pc.equal(runs["stream"], config.stream), pc.equal(runs["kind"], "segment")),
+        pc.and_(
+            pc.equal(runs["model_uri"], config.model_uri), pc.not_equal(runs["run_id"], job.run_id)
+        ),
+    )
+    run_ids = runs.filter(mine)["run_id"].to_pylist()
+    if not run_ids or not todo.num_rows:
+        return todo, 0
+    columns = ["image_uri", "image_version"]
+    seen = [reader.read(table, run_ids, columns=columns) for table in ("predictions", "errors")]
+    seen_keys = pa.chunked_array([_version_key(t) for t in seen], pa.string())
+    fresh = pc.invert(pc.is_in(_version_key(todo), value_set=seen_keys.combine_chunks()))
+    out = todo.filter(fresh)
+    return out, todo.num_rows - out.num_rows
+
+
+def _version_key(rows: pa.Table) -> pa.Array:
+    """``image_uri`` and ``image_version`` as one string per row (null without a version)."""
+    key = pc.binary_join_element_wise(rows["image_uri"], rows["image_version"], "\n")
+    return key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
 
 
 def _onnx_ready(

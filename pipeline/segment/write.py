@@ -61,8 +61,9 @@ _PREDICTION_COLUMNS = [
     "class_pixel_counts",
     "latency_ms",
     "label_map_uri",
+    "image_version",
 ]
-_ERROR_COLUMNS = ["image_id", "image_uri", "stage", "error_type", "message"]
+_ERROR_COLUMNS = ["image_id", "image_uri", "stage", "error_type", "message", "image_version"]
 _METRIC_COLUMNS = ("image_id", "class_id", "class_name", *COUNTS, "iou")
 
 
@@ -135,9 +136,7 @@ def split_rows(batch: pa.Table, class_names: Sequence[str], model: str) -> dict[
         model: The model URI of the predictions.
     """
     failed = batch["stage"].is_valid()
-    errors = batch.filter(failed).select(
-        ["image_id", "image_uri", "stage", "error_type", "message"]
-    )
+    errors = batch.filter(failed).select(_ERROR_COLUMNS)
     good = batch.filter(pc.invert(failed))
     predictions = good.select(_PREDICTION_COLUMNS).append_column(
         "model_uri", pa.array([model] * good.num_rows, pa.string())

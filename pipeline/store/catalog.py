@@ -87,7 +87,7 @@ CATALOG_NAME = "fcnpipe"
 (``PYICEBERG_CATALOG__FCNPIPE__*``) unless ``--catalog`` names another."""
 
 DEFAULT_NAMESPACE = "fcnpipe"
-"""Namespace of the five tables unless the catalog URI says ``namespace=...``."""
+"""Namespace of the tables unless the catalog URI says ``namespace=...``."""
 
 EMBEDDED_DIR = "_catalog"
 """Directory of a local output root holding its embedded catalog."""
@@ -113,7 +113,7 @@ TABLE_PROPERTIES = {
 }
 """Properties of the tables fcnpipe creates."""
 
-COMMIT_ORDER = ("training", "errors", "class_metrics", "predictions", "runs")
+COMMIT_ORDER = ("training", "errors", "class_metrics", "predictions", "inputs", "runs")
 """Order of the per-table commits where the catalog cannot publish them at once: ``runs``, which
 says a run is committed, last."""
 
@@ -348,7 +348,7 @@ class TableStore:
         return self._tables[name]
 
     def require(self, name: str) -> Table:
-        """A table that must exist (the writers create all five)."""
+        """A table that must exist (the writers create them all)."""
         tbl = self.table(name)
         if tbl is None:
             raise TableError(f"table {self.info.identifier(name)} is missing from the catalog")
@@ -367,7 +367,7 @@ class TableStore:
         return f"{self.require(name).location().rstrip('/')}/data/{PARTITION_COLUMN}={run_id}"
 
     def _create(self) -> None:
-        """The namespace and the five tables, created where missing, evolved where older."""
+        """The namespace and the tables, created where missing, evolved where older."""
         with contextlib.suppress(NotImplementedError):  # catalogs without namespaces
             self.catalog.create_namespace_if_not_exists(self.info.namespace)
         for name in TABLES:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import duckdb
 
 __all__ = [
+    "PREDICTIONS_LATEST_SQL",
     "TableReader",
     "check_not_committed",
     "committed_runs",
@@ -48,6 +49,35 @@ __all__ = [
     "read_table",
     "table_dataset",
 ]
+
+
+PREDICTIONS_LATEST_SQL = """
+WITH latest_run AS (  -- each stream's newest committed run
+    SELECT stream, run_id FROM runs
+    WHERE kind = 'segment' AND stream IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY stream ORDER BY finished_at DESC, run_id DESC) = 1
+),
+listed AS (  -- the objects that run listed, in their version then
+    SELECT l.stream, i.image_uri, i.image_version FROM inputs i JOIN latest_run l USING (run_id)
+),
+stream_predictions AS (
+    SELECT r.stream, r.finished_at AS run_finished_at, p.*
+    FROM predictions p JOIN runs r USING (run_id)
+    WHERE r.stream IS NOT NULL
+)
+SELECT s.* FROM stream_predictions s
+JOIN listed USING (stream, image_uri, image_version)
+QUALIFY row_number() OVER (
+    PARTITION BY s.stream, s.image_uri ORDER BY s.run_finished_at DESC, s.run_id DESC
+) = 1
+"""
+"""The ``predictions_latest`` view: per stream (``segment --stream``), one row per object its
+newest run listed, the prediction of the object's version then (from whichever of the stream's
+runs made it; the newest such run where a model change made several). Objects deleted since
+are in no listing of the newest run, so they leave the view (their rows stay in
+``predictions``); an object whose current version failed is in ``errors``, not here. Columns:
+``stream``, ``run_finished_at``, then the ``predictions`` columns. Plain SQL over the tables: any
+engine with ``QUALIFY`` (DuckDB, Snowflake, Databricks) runs it as is."""
 
 
 class TableReader:
@@ -139,9 +169,10 @@ class TableReader:
     def duckdb(self, run_ids: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with one view per table over committed runs only.
 
-        Views ``predictions``, ``class_metrics``, ``runs``, ``errors`` and ``training`` scan
-        the committed data files lazily; a table without committed rows is an empty view with
-        its columns.
+        Views ``predictions``, ``class_metrics``, ``runs``, ``errors``, ``training`` and
+        ``inputs`` scan the committed data files lazily; a table without committed rows is an
+        empty view with its columns. ``predictions_latest`` (:data:`PREDICTIONS_LATEST_SQL`) is
+        each stream's current prediction per object.
 
         Args:
             run_ids: Only these runs (each must be committed); None: every committed run.
@@ -157,6 +188,7 @@ class TableReader:
             dataset = self.dataset(table, ids)
             # An Arrow table, not an empty dataset, so DuckDB sees the columns without a scan.
             con.register(table, dataset if dataset.files else TABLES[table].empty_table())
+        con.execute(f"CREATE VIEW predictions_latest AS {PREDICTIONS_LATEST_SQL}")
         return con
 
 

@@ -78,3 +78,21 @@ def test_schedule_without_a_prefect_server_is_one_line(tmp_path: Path) -> None:
         args, "Prefect server http://127.0.0.1:9/api does not answer",
         env={"PREFECT_API_URL": "http://127.0.0.1:9/api"},
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], "--stream NAME is required"),
+        (["--stream", "../x"], "invalid stream name"),
+        (["--stream", "cam", "--run-id", "fixed"], "derives its run id"),
+    ],
+)
+def test_schedule_segment_rejects_bad_input_in_one_line(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    _one_line_error(
+        ["schedule", "segment", str(tmp_path), "-m", "m", "-o", "o", "--cron", "0 3 * * *", *extra],
+        expected,
+        in_process=True,
+    )
