@@ -95,7 +95,10 @@ def test_module_query_reads_a_root(built: BuiltResults) -> None:
     ("sql", "expected"),
     [
         ("SELEC * FROM runs", r"syntax error at or near \"SELEC\""),
-        ("SELECT * FROM predictionz", r"predictionz.*views: predictions, class_metrics, runs"),
+        (
+            "SELECT * FROM predictionz",
+            r"predictionz.*views: predictions_latest, predictions, class_metrics, runs",
+        ),
         ("SELECT nope FROM runs", r"\"nope\" not found"),
         ("SELECT 'x'::INTEGER", r"Could not convert string 'x'"),
         ("   ", r"empty"),
