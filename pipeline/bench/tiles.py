@@ -126,7 +126,6 @@ def _bench(
         "small": {
             "images": small_images,
             "mp_per_s": small_mp / result.seconds,
-            "steady_mp_per_s": (result.steady_images_per_s or 0.0) * tile * tile / 1e6,
         },
         "scenes": [],
     }
@@ -153,8 +152,7 @@ def format_bench_tiles(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']} ({result['engine']}), {result['actors']} actor(s), "
         f"tile {result['tile']} overlap {result['overlap']}",
-        f"small images ({small['images']} of one tile)  {small['mp_per_s']:7.3f} MP/s whole run, "
-        f"{small['steady_mp_per_s']:.3f} steady",
+        f"small images ({small['images']} of one tile)  {small['mp_per_s']:7.3f} MP/s whole run",
     ]
     for scene in result["scenes"]:
         side = scene["side"]
